@@ -1,0 +1,1 @@
+"""The API layer: protobuf <-> engine conversion, request validation, and gRPC status mapping."""

@@ -1,0 +1,85 @@
+"""Engine results -> protobuf response messages."""
+from __future__ import annotations
+
+from ..engine.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Chunk
+from ..engine.scoring import PairResult
+from .pb import lm_pb2
+
+_FINISH = {
+    None: lm_pb2.FINISH_REASON_UNSPECIFIED,
+    FINISH_LENGTH: lm_pb2.FINISH_REASON_LENGTH,
+    FINISH_EOS: lm_pb2.FINISH_REASON_EOS,
+    FINISH_STOP: lm_pb2.FINISH_REASON_STOP_SEQUENCE,
+}
+
+
+def token_details(ids, logprobs, top_ids, top_logprobs, texts) -> lm_pb2.TokenDetails:
+    d = lm_pb2.TokenDetails(ids=ids, logprobs=logprobs, texts=[texts(i) for i in ids])
+    for row_i, row_v in zip(top_ids, top_logprobs):
+        d.top.extend(lm_pb2.TopToken(id=i, text=texts(i), logprob=v) for i, v in zip(row_i, row_v))
+    return d
+
+
+class GenerateAccumulator:
+    """Merges per-token chunks into stream messages or one unary response."""
+
+    def __init__(self, prompt_tokens: int, want_details: bool, token_text):
+        self.prompt_tokens = prompt_tokens
+        self.want_details = want_details
+        self.token_text = token_text
+        self.text: list[str] = []
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_ids: list[list[int]] = []
+        self.top_lps: list[list[float]] = []
+        self.finish = None
+        self.generated = 0
+        self.seed = 0
+
+    def add(self, chunk: Chunk, seed: int) -> None:
+        self.text.append(chunk.text)
+        self.ids += chunk.token_ids
+        self.logprobs += chunk.logprobs
+        self.top_ids += chunk.top_ids
+        self.top_lps += chunk.top_logprobs
+        self.finish = chunk.finish_reason
+        self.generated = chunk.generated_tokens
+        self.seed = seed
+
+    def response(self) -> lm_pb2.GenerateResponse:
+        r = lm_pb2.GenerateResponse(
+            text="".join(self.text),
+            finish_reason=_FINISH[self.finish],
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated,
+            seed=self.seed,
+        )
+        if self.want_details:
+            r.details.CopyFrom(token_details(self.ids, self.logprobs, self.top_ids, self.top_lps, self.token_text))
+        return r
+
+    def take(self) -> lm_pb2.GenerateResponse:
+        """The response for what was added since the last take (streaming)."""
+        r = self.response()
+        self.text, self.ids, self.logprobs, self.top_ids, self.top_lps = [], [], [], [], []
+        return r
+
+
+def score_response(pairs: list[tuple[str, str]], results: list[PairResult], token_text) -> lm_pb2.ScoreResponse:
+    out = lm_pb2.ScoreResponse()
+    for (ctx, cont), r in zip(pairs, results):
+        # Normalizers count the continuation as scored: with the context's trailing whitespace.
+        scored = ctx[len(ctx.rstrip()) :] + cont if ctx else cont
+        s = out.scores.add(
+            logprob=r.logprob,
+            is_greedy=r.is_greedy,
+            num_tokens=r.num_tokens,
+            num_chars=len(scored),
+            num_bytes=len(scored.encode("utf-8")),
+            truncated_tokens=r.truncated_tokens,
+            batch_pairs=r.batch_pairs,
+        )
+        if r.details is not None:
+            d = r.details
+            s.details.CopyFrom(token_details(d.ids, d.logprobs, d.top_ids, d.top_logprobs, token_text))
+    return out

@@ -1,0 +1,25 @@
+"""Maps failures to gRPC status codes with a one-line, client-readable message (never a stack trace)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from ..engine.errors import InvalidRequest, NotReady, QueueFull
+
+log = logging.getLogger(__name__)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, NotReady):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    # Anything else is our bug: log it in full here, tell the client only its kind.
+    log.exception("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server log"

@@ -1,0 +1,123 @@
+"""Dynamic batching of Score work: pairs from concurrent calls are grouped by length into token-budgeted forward passes."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Awaitable, Callable
+
+from .config import BatchConfig
+from .errors import QueueFull
+from .scoring import PairResult, ScoreItem
+from .stats import ScoreBatchStats, StatsSink
+
+
+@dataclasses.dataclass
+class _Pending:
+    item: ScoreItem
+    future: asyncio.Future
+    enqueued: float
+
+
+def plan_batches(items: list, length: Callable[[object], int], max_tokens: int, max_rows: int) -> list[list]:
+    """Split items into batches of similar length: sorted longest first, each batch within
+    max_rows rows and max_tokens padded tokens (rows x its longest row). An item longer than the
+    budget still gets a batch of its own."""
+    out: list[list] = []
+    cur: list = []
+    width = 0
+    for it in sorted(items, key=length, reverse=True):
+        w = width or length(it)
+        if cur and (len(cur) + 1 > max_rows or (len(cur) + 1) * w > max_tokens):
+            out.append(cur)
+            cur, w = [], length(it)
+        cur.append(it)
+        width = w
+    if cur:
+        out.append(cur)
+    return out
+
+
+class ScoreBatcher:
+    """Collects ScoreItems from many coroutines and runs them in batches, one batch at a time.
+
+    Work arriving while a round of batches runs waits for the next round, so nothing starves;
+    within a round, items are sorted by length so padding stays small. A caller that is
+    cancelled leaves its items behind; they are dropped before their batch is formed.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[ScoreItem]], Awaitable[list[PairResult]]],
+        cfg: BatchConfig,
+        max_batch_tokens: int,
+        on_stats: StatsSink,
+    ):
+        self._run = run
+        self._cfg = cfg
+        self._max_tokens = max_batch_tokens
+        self._on_stats = on_stats
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def queued_pairs(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, items: list[ScoreItem]) -> list[PairResult]:
+        if self._task is None or self._task.done():
+            # (Re)start on the caller's loop: a loop that ended took the previous task with it.
+            self._wake = asyncio.Event()
+            self._pending = []
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="score-batcher")
+        if len(self._pending) + len(items) > self._cfg.max_queue_pairs:
+            raise QueueFull(f"score queue is full ({len(self._pending)} pairs waiting); retry later")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        entries = [_Pending(it, loop.create_future(), now) for it in items]
+        self._pending.extend(entries)
+        self._wake.set()
+        try:
+            return list(await asyncio.gather(*(e.future for e in entries)))
+        except asyncio.CancelledError:
+            for e in entries:
+                e.future.cancel()
+            raise
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if len(self._pending) < self._cfg.max_batch_pairs and self._cfg.max_wait_ms > 0:
+                # A lone request waits a moment for company; under load the GPU is the wait.
+                await asyncio.sleep(self._cfg.max_wait_ms / 1000)
+            todo = [p for p in self._pending if not p.future.done()]
+            self._pending = []
+            for batch in plan_batches(todo, lambda p: p.item.length, self._max_tokens, self._cfg.max_batch_pairs):
+                batch = [p for p in batch if not p.future.done()]  # cancelled while earlier batches ran
+                if batch:
+                    await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        start = time.monotonic()
+        try:
+            results = await self._run([p.item for p in batch])
+        except Exception as e:  # noqa: BLE001 - the failure belongs to the callers, not to the loop
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+            return
+        for p, r in zip(batch, results):
+            if not p.future.done():
+                p.future.set_result(r)
+        width = max(p.item.length for p in batch)
+        self._on_stats(
+            ScoreBatchStats(
+                pairs=len(batch),
+                tokens=sum(p.item.length for p in batch),
+                padded_tokens=width * len(batch),
+                queue_seconds=start - min(p.enqueued for p in batch),
+                forward_seconds=time.monotonic() - start,
+            )
+        )

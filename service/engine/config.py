@@ -1,0 +1,87 @@
+"""Configuration dataclasses of the engine, one per area, each field documented."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str = ".models/tiny"
+    """Hub id (e.g. EleutherAI/polyglot-ko-5.8b) or local directory of a transformers checkpoint."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); None takes the default branch."""
+    quantization: str = "nf4"
+    """Weight quantization: "nf4" or "fp4" (bitsandbytes 4-bit) or "none". Ignored for a checkpoint
+    saved already quantized, whose own quantization config wins."""
+    double_quant: bool = False
+    """bitsandbytes double quantization (quantizes the quantization constants: ~0.4 bit/param less)."""
+    compute_dtype: str = "auto"
+    """Matmul/activation dtype: "auto" (float16 on GPU, float32 on CPU), "float16", "bfloat16", "float32"."""
+    device: str = "auto"
+    """"auto" (cuda:0 when a GPU is visible, else cpu), "cpu", or "cuda:N"."""
+    max_context: int = 0
+    """Window in tokens; 0 takes the model's max_position_embeddings."""
+
+
+@dataclasses.dataclass
+class LimitsConfig:
+    """Per-request limits; requests beyond them are rejected as invalid."""
+
+    max_new_tokens: int = 1024
+    """Most tokens one Generate may ask for."""
+    default_new_tokens: int = 64
+    """max_new_tokens when a request leaves it 0."""
+    max_score_pairs: int = 256
+    """Most pairs in one Score call."""
+    max_stop_sequences: int = 8
+    """Most stop sequences in one Generate."""
+    max_top_logprobs: int = 20
+    """Most alternatives per position in token details."""
+    max_text_chars: int = 200_000
+    """Most characters in any one text field (a cheap guard before tokenizing)."""
+
+
+@dataclasses.dataclass
+class BatchConfig:
+    """Dynamic batching of Score requests."""
+
+    max_batch_tokens: int = 0
+    """Padded tokens per forward pass (rows x longest row); 0: 32768 on GPU, 4096 on CPU."""
+    max_batch_pairs: int = 256
+    """Most pairs per forward pass."""
+    max_wait_ms: float = 2.0
+    """How long a lone request waits for company before its batch starts anyway."""
+    max_queue_pairs: int = 65536
+    """Pairs waiting beyond this make new Score calls fail with "queue full" (RESOURCE_EXHAUSTED)."""
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Everything the engine needs, as one object (the Ray Serve app builds it from its args)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "EngineConfig":
+        """Build from a nested mapping such as the Serve config's `args`; unknown keys are an error."""
+        d = dict(d or {})
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub = d.pop(f.name, None) or {}
+            klass = f.default_factory  # type: ignore[misc]
+            names = {x.name for x in dataclasses.fields(klass)}
+            unknown = set(sub) - names
+            if unknown:
+                raise ValueError(f"unknown {f.name} settings: {sorted(unknown)}")
+            parts[f.name] = klass(**sub)
+        if d:
+            raise ValueError(f"unknown config sections: {sorted(d)}")
+        return cls(**parts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

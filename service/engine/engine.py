@@ -1,0 +1,154 @@
+"""The engine facade: async Score, Generate, Tokenize over one loaded model, all model work on one thread."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import time
+from typing import AsyncIterator
+
+import torch
+
+from . import loader
+from .batching import ScoreBatcher
+from .config import EngineConfig
+from .errors import InvalidRequest, NotReady
+from .generation import Chunk, GenerationParams, Generator
+from .scoring import PairResult, Scorer, layout
+from .stats import GenerationStats, StatsSink, discard
+from .text import encode, encode_pair
+
+
+@dataclasses.dataclass
+class ScoreOptions:
+    truncate: bool = False
+    details: bool = False
+    top_n: int = 0
+
+
+class Engine:
+    """One model replica. Call order: Engine(cfg) loads the model (blocking); then any number of
+    concurrent score() / generate() / tokenize() calls from one asyncio loop; close() at the end."""
+
+    def __init__(self, cfg: EngineConfig, on_stats: StatsSink = discard):
+        self.cfg = cfg
+        self.lm = loader.load(cfg.model)
+        self.on_stats = on_stats
+        pad = self.lm.tokenizer.pad_token_id
+        self.scorer = Scorer(self.lm.model, self.lm.device, self.lm.eos_token_id if pad is None else pad)
+        self.generator = Generator(self.lm.model, self.lm.tokenizer, self.lm.device, self.lm.eos_token_id)
+        # One thread owns the model: forward passes never block the event loop and never overlap.
+        self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        max_tokens = cfg.batch.max_batch_tokens or (32768 if self.lm.device.type == "cuda" else 4096)
+        self._batcher: ScoreBatcher | None = None
+        self._max_batch_tokens = max_tokens
+        self._closed = False
+
+    @property
+    def window(self) -> int:
+        return self.lm.max_context
+
+    async def _on_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
+    # --- Score -------------------------------------------------------------------------------------
+
+    async def score(self, pairs: list[tuple[str, str]], opts: ScoreOptions) -> list[PairResult]:
+        """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` rules)."""
+        tok, eot = self.lm.tokenizer, self.lm.eos_token_id
+        items = []
+        for i, (ctx, cont) in enumerate(pairs):
+            try:
+                items.append(
+                    layout(encode_pair(tok, ctx, cont, eot), self.window, opts.truncate, opts.details, opts.top_n)
+                )
+            except InvalidRequest as e:
+                raise InvalidRequest(f"pair {i}: {e}") from None
+        if self._batcher is None:
+            self._batcher = ScoreBatcher(
+                lambda batch: self._on_model_thread(self.scorer.forward, batch),
+                self.cfg.batch,
+                self._max_batch_tokens,
+                self.on_stats,
+            )
+        return await self._batcher.submit(items)
+
+    @property
+    def queued_score_pairs(self) -> int:
+        return self._batcher.queued_pairs if self._batcher else 0
+
+    # --- Generate ----------------------------------------------------------------------------------
+
+    def prompt_ids(self, text: str, token_ids: list[int]) -> list[int]:
+        if token_ids:
+            bad = [t for t in token_ids if t >= self.lm.vocab_size]
+            if bad:
+                raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {self.lm.vocab_size})")
+            return list(token_ids)
+        return encode(self.lm.tokenizer, text)
+
+    def check_generation(self, prompt_ids: list[int], params: GenerationParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("prompt encodes to zero tokens")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.window:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"exceeds the model window of {self.window} tokens"
+            )
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[tuple[Chunk, int]]:
+        """Yield (chunk, seed) once per generated token until a chunk carries finish_reason.
+        Each step is one job on the model thread, so concurrent streams and Score batches interleave;
+        a consumer that stops iterating (client cancelled) stops the work at the next step."""
+        self.check_generation(prompt_ids, params)
+        t0 = time.monotonic()
+        seq = await self._on_model_thread(self.generator.start, prompt_ids, params)
+        last, gaps, reason = None, [], "cancelled"
+        try:
+            while True:
+                chunk = await self._on_model_thread(self.generator.advance, seq)
+                now = time.monotonic()
+                if last is not None:
+                    gaps.append(now - last)
+                ttft = (now - t0) if last is None else ttft
+                last = now
+                yield chunk, seq.seed
+                if chunk.finish_reason is not None:
+                    reason = chunk.finish_reason
+                    return
+        finally:
+            seq.cache = None
+            if last is not None:
+                self.on_stats(GenerationStats(len(prompt_ids), len(seq.generated), ttft, gaps, reason))
+
+    # --- Tokenizer ---------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> tuple[list[int], list[str]]:
+        ids = encode(self.lm.tokenizer, text)
+        return ids, [self.lm.tokenizer.decode([i]) for i in ids]
+
+    def detokenize(self, ids: list[int]) -> str:
+        bad = [t for t in ids if t >= self.lm.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {self.lm.vocab_size})")
+        return self.lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [self.lm.tokenizer.decode([i]) for i in ids]
+
+    async def probe(self) -> None:
+        """Health: allocate and read back a tensor on the model's device. Runs beside the model
+        thread, not behind it, so a long Score queue does not read as an unhealthy replica."""
+        if self._closed:
+            raise NotReady("engine is shut down")
+        await asyncio.to_thread(self._touch_device)
+
+    def _touch_device(self) -> None:
+        x = torch.ones(8, device=self.lm.device)
+        if float(x.sum()) != 8.0:
+            raise RuntimeError(f"device {self.lm.device} returned a wrong sum")
+
+    def close(self) -> None:
+        self._closed = True
+        self._model_thread.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,127 @@
+"""Loads a causal LM and its tokenizer with transformers, 4-bit quantized by bitsandbytes by default."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for inference plus what ModelInfo reports about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    compute_dtype: torch.dtype
+    quantization: str
+    max_context: int
+    vocab_size: int
+    eos_token_id: int
+    model_id: str
+    revision: str
+    tokenizer_hash: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # fp16 on CPU is slow and lossy; fp32 keeps the CPU path exact against transformers.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def _prequantized(hf_config) -> str | None:
+    """Quantization of a checkpoint saved already quantized by bitsandbytes, else None."""
+    q = getattr(hf_config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    if q.get("load_in_4bit") or q.get("_load_in_4bit"):
+        return q.get("bnb_4bit_quant_type", "nf4")
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        return "int8"
+    return str(q.get("quant_method", "unknown"))
+
+
+def _local_revision(path: Path) -> str:
+    """A cheap content hash of a local checkpoint: config plus weight file names and sizes."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+    return "local-" + h.hexdigest()[:16]
+
+
+def tokenizer_hash(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load(cfg: ModelConfig) -> LoadedModel:
+    """Load model and tokenizer as `cfg` says; every failure raises with the reason."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    kw = dict(revision=cfg.revision) if cfg.revision else {}
+    hf_config = AutoConfig.from_pretrained(cfg.model, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kw)
+
+    quant = _prequantized(hf_config)
+    load_kw: dict = dict(dtype=dtype, device_map={"": device}, low_cpu_mem_usage=True, **kw)
+    if quant is None and cfg.quantization != "none":
+        if cfg.quantization not in ("nf4", "fp4"):
+            raise ValueError(f"quantization must be nf4, fp4 or none, not {cfg.quantization!r}")
+        load_kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+        )
+        quant = cfg.quantization
+    quant = quant or "none"
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, **load_kw)
+    model.eval()
+    model.requires_grad_(False)
+
+    n_pos = int(getattr(hf_config, "max_position_embeddings", 2048))
+    max_context = min(cfg.max_context, n_pos) if cfg.max_context > 0 else n_pos
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer of {cfg.model} has no end-of-text token")
+    local = Path(cfg.model)
+    revision = cfg.revision or (_local_revision(local) if local.is_dir() else "main")
+    log.info("loaded %s (%s, %s) on %s", cfg.model, quant, dtype, device)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        compute_dtype=dtype,
+        quantization=quant,
+        max_context=max_context,
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        eos_token_id=int(eos),
+        model_id=str(cfg.model) if not local.is_dir() else os.path.abspath(cfg.model),
+        revision=revision,
+        tokenizer_hash=tokenizer_hash(tokenizer),
+    )

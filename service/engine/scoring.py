@@ -1,0 +1,147 @@
+"""Log-likelihood of continuations: one padded forward pass for a batch of pairs, softmax only where asked."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .errors import InvalidRequest
+from .text import EncodedPair
+
+
+class InputTooLong(InvalidRequest):
+    """The pair does not fit the model window (and truncation is off, or the continuation alone is too long)."""
+
+
+@dataclasses.dataclass
+class ScoreItem:
+    """One pair laid out for the forward pass."""
+
+    input_ids: list[int]
+    """(context + continuation)[-(window + 1):][:-1]: the model sees every token but the last."""
+    target_ids: list[int]
+    """The continuation tokens: predicted at the last len(target_ids) positions of input_ids."""
+    truncated_tokens: int
+    """Context tokens dropped on the left to fit the window."""
+    details: bool = False
+    """Return per-token logprobs of this pair."""
+    top_n: int = 0
+    """With details: this many alternatives per position."""
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclasses.dataclass
+class TokenScore:
+    """Per-token detail of a continuation."""
+
+    ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclasses.dataclass
+class PairResult:
+    logprob: float
+    is_greedy: bool
+    num_tokens: int
+    truncated_tokens: int
+    batch_pairs: int
+    details: TokenScore | None = None
+
+
+def layout(pair: EncodedPair, window: int, truncate: bool, details: bool = False, top_n: int = 0) -> ScoreItem:
+    """Place a pair in the window exactly as lm-eval's HFLM `_loglikelihood_tokens` does."""
+    n_cont = len(pair.continuation_ids)
+    if n_cont == 0:
+        raise InputTooLong("continuation encodes to zero tokens")
+    if n_cont > window:
+        raise InputTooLong(f"continuation is {n_cont} tokens; the window is {window}")
+    whole = pair.context_ids + pair.continuation_ids
+    dropped = max(0, len(whole) - (window + 1))
+    if dropped and not truncate:
+        raise InputTooLong(
+            f"context + continuation is {len(whole)} tokens; the window is {window} "
+            f"(at most {window + 1} including the last, unseen token); set truncate to drop the context's left part"
+        )
+    return ScoreItem(
+        input_ids=whole[dropped:-1],
+        target_ids=pair.continuation_ids,
+        truncated_tokens=dropped,
+        details=details,
+        top_n=top_n if details else 0,
+    )
+
+
+class Scorer:
+    """Scores batches of ScoreItems with a causal LM. Call from one thread at a time."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, pad_id: int):
+        self.model = model
+        self.base = model.base_model  # the transformer without its output layer
+        self.head = model.get_output_embeddings()
+        self.device = device
+        self.pad_id = pad_id
+
+    @torch.inference_mode()
+    def forward(self, items: list[ScoreItem]) -> list[PairResult]:
+        """Score a batch of pairs (any lengths) in one forward pass; results in item order."""
+        B = len(items)
+        details = any(it.details for it in items)
+        top_n = max(it.top_n for it in items)
+        T = max(it.length for it in items)
+        lens = torch.tensor([it.length for it in items])  # [B]
+        n_cont = torch.tensor([len(it.target_ids) for it in items])  # [B]
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)  # [B, T]
+        for i, it in enumerate(items):
+            ids[i, : it.length] = torch.tensor(it.input_ids)
+        # Right padding with no attention mask is exact for a causal model: real tokens never
+        # attend to the pad tokens after them, and the maskless path lets SDPA use its causal kernel.
+        hidden = self.base(input_ids=ids.to(self.device)).last_hidden_state  # [B, T, D]
+
+        # Continuation positions only: the output layer and softmax never see the rest.
+        rows = torch.repeat_interleave(torch.arange(B), n_cont)  # [N]
+        seg_start = torch.cumsum(n_cont, 0) - n_cont  # [B]
+        offs = torch.arange(int(n_cont.sum())) - torch.repeat_interleave(seg_start, n_cont)  # [N]
+        cols = torch.repeat_interleave(lens - n_cont, n_cont) + offs  # [N]
+        targets = torch.tensor([t for it in items for t in it.target_ids], device=self.device)  # [N]
+        h = hidden[rows.to(self.device), cols.to(self.device)]  # [N, D]
+        logits = self.head(h).float()  # [N, V]
+        logz = torch.logsumexp(logits, -1)  # [N]
+        tok_lp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz  # [N]
+        greedy = logits.argmax(-1) == targets  # [N]
+        seg = rows.to(self.device)
+        sums = torch.zeros(B, dtype=torch.float64, device=self.device).index_add_(0, seg, tok_lp.double())  # [B]
+        misses = torch.zeros(B, dtype=torch.long, device=self.device).index_add_(0, seg, (~greedy).long())  # [B]
+        if top_n > 0:
+            top_v, top_i = torch.topk(logits, top_n, dim=-1)  # [N, n]
+            top_v = (top_v - logz[:, None]).cpu().tolist()
+            top_i = top_i.cpu().tolist()
+        sums, misses = sums.cpu().tolist(), misses.cpu().tolist()
+        tok_lp = tok_lp.cpu().tolist() if details else None
+
+        results = []
+        for i, it in enumerate(items):
+            a, b = int(seg_start[i]), int(seg_start[i] + n_cont[i])
+            det = None
+            if it.details:
+                det = TokenScore(
+                    ids=list(it.target_ids),
+                    logprobs=tok_lp[a:b],
+                    top_ids=[row[: it.top_n] for row in top_i[a:b]] if it.top_n else [],
+                    top_logprobs=[row[: it.top_n] for row in top_v[a:b]] if it.top_n else [],
+                )
+            results.append(
+                PairResult(
+                    logprob=sums[i],
+                    is_greedy=misses[i] == 0,
+                    num_tokens=len(it.target_ids),
+                    truncated_tokens=it.truncated_tokens,
+                    batch_pairs=B,
+                    details=det,
+                )
+            )
+        return results

@@ -1,0 +1,82 @@
+"""Tokenization rules of the service: lm-evaluation-harness pair encoding and UTF-8-safe incremental decoding."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPair:
+    """A (context, continuation) pair as token ids, split the way lm-evaluation-harness splits it."""
+
+    context_ids: list[int]
+    continuation_ids: list[int]
+    continuation_text: str
+    """The continuation as scored: with the context's trailing whitespace moved in front of it."""
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # No BOS/EOS: lm-eval's HFLM encodes causal-LM text without special tokens.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tokenizer, context: str, continuation: str, eot_id: int) -> EncodedPair:
+    """lm-eval `loglikelihood` rules: empty context -> end-of-text token as the whole context;
+    trailing whitespace of the context moves to the continuation; the pair is encoded together and
+    split at the length of the context's own encoding (so a merge across the seam counts to the
+    continuation)."""
+    if context == "":
+        return EncodedPair([eot_id], encode(tokenizer, continuation), continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(tokenizer, context + continuation)
+    n_ctx = len(encode(tokenizer, context))
+    return EncodedPair(whole[:n_ctx], whole[n_ctx:], continuation)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text pieces that never end inside a UTF-8 character.
+
+    Byte-level BPE tokens can end in the middle of a multi-byte character (a Hangul syllable is 3
+    bytes); decoding such a prefix yields U+FFFD. We hold text back while the decoded tail is a
+    replacement character and release it once the following token completes the character.
+    Decoding from a few tokens before the emitted point keeps this O(1) per token.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        # Start decoding a little before the first new token so that tokenizers which depend on
+        # the previous token (leading spaces, byte fallback) decode the seam right.
+        self._prefix = list(prompt_ids[-4:]) if prompt_ids else []
+        self._read = 0  # ids[:_read] have been released as text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _pending_text(self) -> str:
+        """Text of the ids not yet released, decoded in the context of a few released ones."""
+        prefix = self._prefix if self._read == 0 else self.ids[max(0, self._read - 4) : self._read]
+        base = self._decode(prefix)
+        full = self._decode(prefix + self.ids[self._read :])
+        return full[len(base) :] if full.startswith(base) else full
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly complete text (possibly empty)."""
+        self.ids.append(token_id)
+        text = self._pending_text()
+        # A UTF-8 character has at most 4 bytes and every token at least one, so a tail still
+        # broken after 4 held tokens is invalid output, not an incomplete character.
+        if text.endswith("\ufffd") and len(self.ids) - self._read < 4:
+            return ""  # incomplete character: hold it until the next token completes it
+        self._read = len(self.ids)
+        return text
+
+    def flush(self) -> str:
+        """Text still held back at the end (an incomplete character decodes with U+FFFD)."""
+        if self._read == len(self.ids):
+            return ""
+        text = self._pending_text()
+        self._read = len(self.ids)
+        return text

@@ -1,0 +1,152 @@
+"""The Ray Serve deployment: one engine per replica, one ingress method per RPC, errors as gRPC status codes."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from ray import serve
+
+from ..api import convert, validation
+from ..api.pb import lm_pb2
+from ..api.status import status_for
+from ..engine.config import EngineConfig, LimitsConfig
+from ..engine.engine import Engine
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="LanguageModel", max_ongoing_requests=1024, health_check_period_s=10)
+class LanguageModelServer:
+    """Ingress of the polyglot.v1.LanguageModel service (and grpc.health.v1.Health)."""
+
+    def __init__(self, engine_config: dict[str, Any]):
+        self.metrics = Metrics()
+        self.engine = Engine(EngineConfig.from_dict(engine_config), on_stats=self.metrics.record)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve `user_config`: request limits change without a restart ({"limits": {...}})."""
+        limits = dict(user_config.get("limits", {}))
+        self.engine.cfg.limits = LimitsConfig(**{**vars(self.engine.cfg.limits), **limits})
+
+    @property
+    def limits(self) -> LimitsConfig:
+        return self.engine.cfg.limits
+
+    def _fail(self, ctx, method: str, exc: BaseException, t0: float) -> None:
+        code, msg = status_for(exc)
+        ctx.set_code(code)
+        ctx.set_details(msg)
+        self.metrics.request(method, code.name, time.monotonic() - t0)
+
+    def _ok(self, method: str, t0: float) -> None:
+        self.metrics.request(method, "OK", time.monotonic() - t0)
+
+    async def Score(self, request: lm_pb2.ScoreRequest, grpc_context) -> lm_pb2.ScoreResponse:
+        t0 = time.monotonic()
+        try:
+            pairs, opts = validation.score_request(request, self.limits)
+            results = await self.engine.score(pairs, opts)
+            response = convert.score_response(pairs, results, self._token_text)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status code
+            self._fail(grpc_context, "Score", e, t0)
+            return lm_pb2.ScoreResponse()
+        self._ok("Score", t0)
+        return response
+
+    async def Generate(self, request: lm_pb2.GenerateRequest, grpc_context) -> lm_pb2.GenerateResponse:
+        t0 = time.monotonic()
+        try:
+            acc = None
+            async for acc in self._generate(request):
+                pass
+            response = acc.response()
+        except Exception as e:  # noqa: BLE001
+            self._fail(grpc_context, "Generate", e, t0)
+            return lm_pb2.GenerateResponse()
+        self._ok("Generate", t0)
+        return response
+
+    async def GenerateStream(self, request: lm_pb2.GenerateRequest, grpc_context):
+        t0 = time.monotonic()
+        try:
+            async for acc in self._generate(request):
+                if acc.text or acc.finish is not None or acc.ids and acc.want_details:
+                    yield acc.take()
+        except Exception as e:  # noqa: BLE001
+            self._fail(grpc_context, "GenerateStream", e, t0)
+            return
+        self._ok("GenerateStream", t0)
+
+    async def _generate(self, request):
+        """Validate, then yield the accumulator after every generated token."""
+        text, ids, params = validation.generate_request(request, self.limits)
+        prompt = self.engine.prompt_ids(text, ids)
+        acc = convert.GenerateAccumulator(len(prompt), params.logprobs, self._token_text)
+        async for chunk, seed in self.engine.generate(prompt, params):
+            acc.add(chunk, seed)
+            yield acc
+
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.token_texts([token_id])[0]
+
+    async def Tokenize(self, request: lm_pb2.TokenizeRequest, grpc_context) -> lm_pb2.TokenizeResponse:
+        t0 = time.monotonic()
+        try:
+            ids, texts = self.engine.tokenize(validation.text_request("text", request.text, self.limits))
+        except Exception as e:  # noqa: BLE001
+            self._fail(grpc_context, "Tokenize", e, t0)
+            return lm_pb2.TokenizeResponse()
+        self._ok("Tokenize", t0)
+        return lm_pb2.TokenizeResponse(ids=ids, texts=texts)
+
+    async def Detokenize(self, request: lm_pb2.DetokenizeRequest, grpc_context) -> lm_pb2.DetokenizeResponse:
+        t0 = time.monotonic()
+        try:
+            text = self.engine.detokenize(list(request.ids))
+        except Exception as e:  # noqa: BLE001
+            self._fail(grpc_context, "Detokenize", e, t0)
+            return lm_pb2.DetokenizeResponse()
+        self._ok("Detokenize", t0)
+        return lm_pb2.DetokenizeResponse(text=text)
+
+    async def ModelInfo(self, request: lm_pb2.ModelInfoRequest, grpc_context) -> lm_pb2.ModelInfoResponse:
+        lm = self.engine.lm
+        self._ok("ModelInfo", time.monotonic())
+        return lm_pb2.ModelInfoResponse(
+            model_id=lm.model_id,
+            revision=lm.revision,
+            quantization=lm.quantization,
+            compute_dtype=str(lm.compute_dtype).removeprefix("torch."),
+            max_context=lm.max_context,
+            vocab_size=lm.vocab_size,
+            tokenizer_hash=lm.tokenizer_hash,
+            device=str(lm.device),
+            eos_token_id=lm.eos_token_id,
+            max_new_tokens=self.limits.max_new_tokens,
+            max_score_pairs=self.limits.max_score_pairs,
+        )
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1: SERVING once the model answers a forward pass on its own thread."""
+        try:
+            await asyncio.wait_for(self.engine.probe(), timeout=30)
+        except Exception as e:  # noqa: BLE001
+            log.warning("health probe failed: %s", e)
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def check_health(self) -> None:
+        """Ray's replica health check: a wedged model thread gets the replica restarted."""
+        await asyncio.wait_for(self.engine.probe(), timeout=60)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder named in the Serve config (`import_path: service.serve.app:build_app`);
+    `args` is the engine configuration: {"model": {...}, "limits": {...}, "batch": {...}}."""
+    EngineConfig.from_dict(args)  # fail at deploy time on a bad config, not in every replica
+    return LanguageModelServer.bind(dict(args))

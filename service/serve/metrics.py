@@ -1,0 +1,71 @@
+"""Maps the engine's stats records to Prometheus metrics through Ray's metrics pipeline (ray.serve.metrics).
+
+Ray's pipeline rather than prometheus_client: every replica's series are tagged with application,
+deployment and replica by Ray and exported on the node's one metrics port, so scaling to many
+replicas and nodes needs no extra scrape targets.
+"""
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Histogram
+
+from ..engine.stats import GenerationStats, ScoreBatchStats, Stats
+
+_LATENCY = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+_TOKENS = [16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+
+
+class Metrics:
+    """Created once per replica; `record` is the engine's stats sink, `request` counts RPCs."""
+
+    def __init__(self):
+        self.requests = Counter(
+            "polyglot_requests_total", description="RPCs answered, by method and gRPC status code.",
+            tag_keys=("method", "code"),
+        )
+        self.request_latency = Histogram(
+            "polyglot_request_latency_seconds", description="Time from RPC arrival at the replica to its answer.",
+            boundaries=_LATENCY, tag_keys=("method",),
+        )
+        self.batch_pairs = Histogram(
+            "polyglot_score_batch_pairs", description="Pairs per Score forward pass.", boundaries=_SIZES
+        )
+        self.batch_tokens = Histogram(
+            "polyglot_score_batch_tokens", description="Padded tokens per Score forward pass.", boundaries=_TOKENS
+        )
+        self.queue_time = Histogram(
+            "polyglot_score_queue_seconds", description="Wait of a Score batch's oldest pair before its forward pass.",
+            boundaries=_LATENCY,
+        )
+        self.scored_tokens = Counter("polyglot_scored_tokens_total", description="Input tokens run through Score.")
+        self.padded_tokens = Counter(
+            "polyglot_score_padding_tokens_total", description="Padding tokens computed by Score (waste)."
+        )
+        self.generated_tokens = Counter("polyglot_generated_tokens_total", description="Tokens generated.")
+        self.prompt_tokens = Counter("polyglot_prompt_tokens_total", description="Prompt tokens prefilled.")
+        self.ttft = Histogram(
+            "polyglot_time_to_first_token_seconds", description="Generate: request start to first token.",
+            boundaries=_LATENCY,
+        )
+        self.itl = Histogram(
+            "polyglot_inter_token_latency_seconds", description="Generate: time between consecutive tokens.",
+            boundaries=_LATENCY,
+        )
+
+    def record(self, s: Stats) -> None:
+        if isinstance(s, ScoreBatchStats):
+            self.batch_pairs.observe(s.pairs)
+            self.batch_tokens.observe(s.padded_tokens)
+            self.queue_time.observe(s.queue_seconds)
+            self.scored_tokens.inc(s.tokens)
+            self.padded_tokens.inc(s.padded_tokens - s.tokens)
+        elif isinstance(s, GenerationStats):
+            self.generated_tokens.inc(s.generated_tokens)
+            self.prompt_tokens.inc(s.prompt_tokens)
+            self.ttft.observe(s.time_to_first_token_seconds)
+            for gap in s.inter_token_seconds:
+                self.itl.observe(gap)
+
+    def request(self, method: str, code: str, seconds: float) -> None:
+        self.requests.inc(tags={"method": method, "code": code})
+        self.request_latency.observe(seconds, tags={"method": method})

@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny model directory and engines loaded from it."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / ".models" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from service.engine.tiny import ensure
+
+    return ensure(TINY)
+
+
+def _engine(tiny_dir: Path, quantization: str, **batch):
+    from service.engine.config import BatchConfig, EngineConfig, ModelConfig
+    from service.engine.engine import Engine
+
+    return Engine(
+        EngineConfig(model=ModelConfig(model=str(tiny_dir), quantization=quantization, device="cpu"),
+                     batch=BatchConfig(**batch))
+    )
+
+
+@pytest.fixture(scope="session")
+def engine_fp32(tiny_dir):
+    return _engine(tiny_dir, "none")
+
+
+@pytest.fixture(scope="session")
+def engine_nf4(tiny_dir):
+    return _engine(tiny_dir, "nf4")
+
+
+@pytest.fixture(scope="session")
+def hf_fp32(tiny_dir):
+    """transformers' own GPTNeoXForCausalLM on the same weights: the independent reference."""
+    from transformers import GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM.from_pretrained(tiny_dir, dtype="float32").eval()
+
+
+_LOOP = asyncio.new_event_loop()
+
+
+def run(coro):
+    """Run on one loop for the whole session, as a replica does (the engine's batcher lives on it)."""
+    return _LOOP.run_until_complete(coro)

@@ -1,0 +1,159 @@
+"""Model tests: the engine on the tiny GPT-NeoX, checked against transformers' own computation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run
+from service.engine.engine import ScoreOptions
+from service.engine.errors import InvalidRequest
+from service.engine.generation import GenerationParams
+from service.engine.sampling import SamplingParams
+from service.engine.text import encode, encode_pair
+
+PAIRS = [
+    ("오늘은 날씨가 ", "맑고 바람이 시원하다."),
+    ("", "안녕하세요, 만나서 반갑습니다."),
+    ("서울의 봄은", " 벚꽃과 함께 찾아온다."),
+    ("우리 가족은 주말마다 공원에서", " 산책을 한다."),
+    ("그는", " 뷁"),  # continuation split inside a syllable
+    ("제주도는 아름다운 바다와 한라산으로 유명하다. " * 3, "가을이 되면"),
+]
+
+
+def reference(model, tok, ctx, cont):
+    """Sum of log-probs and greedy flag with a full-vocabulary log-softmax in transformers."""
+    p = encode_pair(tok, ctx, cont, tok.eos_token_id)
+    ids = torch.tensor([p.context_ids + p.continuation_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[:, :-1]).logits.float(), -1)[0]  # [T-1, V]
+    n = len(p.continuation_ids)
+    tgt = torch.tensor(p.continuation_ids)
+    lp = logp[-n:].gather(-1, tgt[:, None]).squeeze(-1)
+    return float(lp.sum()), bool((logp[-n:].argmax(-1) == tgt).all()), lp
+
+
+def test_score_matches_transformers_fp32(engine_fp32, hf_fp32):
+    tok = engine_fp32.lm.tokenizer
+    res = run(engine_fp32.score(PAIRS, ScoreOptions(details=True, top_n=3)))
+    greedy_seen = set()
+    for (ctx, cont), r in zip(PAIRS, res):
+        ref, greedy, lp = reference(hf_fp32, tok, ctx, cont)
+        assert r.logprob == pytest.approx(ref, abs=1e-4)
+        assert r.is_greedy == greedy
+        assert r.num_tokens == len(lp)
+        assert r.details.logprobs == pytest.approx(lp.tolist(), abs=1e-4)
+        assert r.details.top_logprobs[0][0] >= r.details.logprobs[0] - 1e-6
+        greedy_seen.add(greedy)
+    assert greedy_seen == {True, False}  # the set exercises both outcomes
+
+
+def test_score_nf4_matches_the_same_nf4_model(engine_nf4):
+    """nf4 against transformers' forward of the very same quantized module (exact path check);
+    and within a loose bound of fp32 (quantization error, stated in the README)."""
+    tok, model = engine_nf4.lm.tokenizer, engine_nf4.lm.model
+    res = run(engine_nf4.score(PAIRS, ScoreOptions()))
+    for (ctx, cont), r in zip(PAIRS, res):
+        ref, greedy, _ = reference(model, tok, ctx, cont)
+        assert r.logprob == pytest.approx(ref, abs=1e-3)
+        assert r.is_greedy == greedy
+
+
+def test_batched_equals_one_by_one(engine_fp32):
+    together = run(engine_fp32.score(PAIRS, ScoreOptions()))
+    alone = [run(engine_fp32.score([p], ScoreOptions()))[0] for p in PAIRS]
+    assert max(r.batch_pairs for r in together) > 1
+    for a, b in zip(together, alone):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.is_greedy == b.is_greedy
+
+
+def test_window_overflow_is_rejected_or_truncated_like_lm_eval(engine_fp32, hf_fp32):
+    tok = engine_fp32.lm.tokenizer
+    ctx = "오늘은 날씨가 맑고 바람이 시원하다. " * 300
+    cont = " 벚꽃과 함께"
+    p = encode_pair(tok, ctx, cont, tok.eos_token_id)
+    n_whole = len(p.context_ids) + len(p.continuation_ids)
+    assert n_whole > 2049
+    with pytest.raises(InvalidRequest, match="window"):
+        run(engine_fp32.score([(ctx, cont)], ScoreOptions()))
+    r = run(engine_fp32.score([(ctx, cont)], ScoreOptions(truncate=True)))[0]
+    assert r.truncated_tokens == n_whole - 2049
+    whole = (p.context_ids + p.continuation_ids)[-2049:]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_fp32(torch.tensor([whole[:-1]])).logits.float(), -1)[0]
+    n = len(p.continuation_ids)
+    ref = float(logp[-n:].gather(-1, torch.tensor(p.continuation_ids)[:, None]).sum())
+    assert r.logprob == pytest.approx(ref, abs=1e-4)
+
+
+def _generate(engine, prompt, params):
+    async def go():
+        return [c async for c, _ in engine.generate(encode(engine.lm.tokenizer, prompt), params)]
+
+    return run(go())
+
+
+def test_greedy_generation_equals_transformers_generate(engine_fp32, hf_fp32):
+    tok = engine_fp32.lm.tokenizer
+    prompt = "서울의 봄은"
+    chunks = _generate(engine_fp32, prompt, GenerationParams(max_new_tokens=24, min_new_tokens=24))
+    ids = [t for c in chunks for t in c.token_ids]
+    ref = hf_fp32.generate(
+        torch.tensor([encode(tok, prompt)]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
+        pad_token_id=tok.pad_token_id,
+    )[0, len(encode(tok, prompt)):].tolist()
+    assert ids == ref
+    assert chunks[-1].finish_reason == "length" and chunks[-1].generated_tokens == 24
+    assert "".join(c.text for c in chunks) == tok.decode(ids)
+
+
+def test_greedy_is_deterministic_and_stops_at_eos(engine_nf4):
+    p = GenerationParams(max_new_tokens=40)
+    a = _generate(engine_nf4, "오늘은 날씨가", p)
+    b = _generate(engine_nf4, "오늘은 날씨가", p)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    # the tiny model learned its corpus: this line ends with end-of-text well before 40 tokens
+    assert a[-1].finish_reason == "eos" and len(a) < 40
+
+
+def test_seeded_sampling_reproducible(engine_fp32):
+    p = GenerationParams(max_new_tokens=16, sampling=SamplingParams(temperature=1.5, top_k=50, seed=123))
+    a = _generate(engine_fp32, "나는", p)
+    b = _generate(engine_fp32, "나는", p)
+    c = _generate(engine_fp32, "나는", GenerationParams(max_new_tokens=16, sampling=SamplingParams(temperature=1.5, top_k=50, seed=124)))
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_stop_sequence_cuts_text(engine_fp32):
+    full = "".join(c.text for c in _generate(engine_fp32, "오늘은 날씨가", GenerationParams(max_new_tokens=30)))
+    assert "바람" in full
+    chunks = _generate(engine_fp32, "오늘은 날씨가", GenerationParams(max_new_tokens=30, stop=("바람",)))
+    text = "".join(c.text for c in chunks)
+    assert chunks[-1].finish_reason == "stop"
+    assert text == full[: full.index("바람")]
+
+
+def test_min_new_tokens_suppresses_eos(engine_fp32):
+    chunks = _generate(engine_fp32, "오늘은 날씨가", GenerationParams(max_new_tokens=30, min_new_tokens=25))
+    assert len(chunks) >= 25
+    eos = engine_fp32.lm.eos_token_id
+    assert eos not in [t for c in chunks[:25] for t in c.token_ids]
+
+
+def test_logprobs_of_generated_tokens(engine_fp32, hf_fp32):
+    tok = engine_fp32.lm.tokenizer
+    chunks = _generate(engine_fp32, "서울의 봄은", GenerationParams(max_new_tokens=5, logprobs=True, top_logprobs=2))
+    ids = encode(tok, "서울의 봄은") + [c.token_ids[0] for c in chunks]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_fp32(torch.tensor([ids])).logits.float(), -1)[0]
+    n0 = len(encode(tok, "서울의 봄은"))
+    for k, c in enumerate(chunks):
+        assert c.logprobs[0] == pytest.approx(float(logp[n0 - 1 + k, c.token_ids[0]]), abs=1e-4)
+        assert c.top_ids[0][0] == c.token_ids[0]  # greedy picks the top token
+
+
+def test_prompt_plus_max_new_tokens_over_window_rejected(engine_fp32):
+    with pytest.raises(InvalidRequest, match="window"):
+        _generate(engine_fp32, "오늘은 " * 1100, GenerationParams(max_new_tokens=1000))

@@ -1,0 +1,79 @@
+"""Unit tests of tokenization rules: lm-eval pair encoding and UTF-8-safe incremental decoding."""
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from service.engine.generation import StopMatcher
+from service.engine.text import IncrementalDecoder, encode, encode_pair
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def test_empty_context_uses_end_of_text(tok):
+    p = encode_pair(tok, "", "안녕하세요", tok.eos_token_id)
+    assert p.context_ids == [tok.eos_token_id]
+    assert p.continuation_ids == encode(tok, "안녕하세요")
+
+
+def test_trailing_space_moves_to_continuation(tok):
+    p = encode_pair(tok, "오늘은 날씨가 ", "맑다", tok.eos_token_id)
+    q = encode_pair(tok, "오늘은 날씨가", " 맑다", tok.eos_token_id)
+    assert p == q
+    assert p.continuation_text == " 맑다"
+    assert tok.decode(p.continuation_ids) == " 맑다"
+
+
+def test_pair_is_encoded_whole_then_split(tok):
+    ctx, cont = "오늘은 날씨가", " 맑고 바람이"
+    p = encode_pair(tok, ctx, cont, tok.eos_token_id)
+    assert p.context_ids + p.continuation_ids == encode(tok, ctx + cont)
+    assert p.context_ids == encode(tok, ctx)
+
+
+def _split_syllable_ids(tok):
+    """Token ids of a text in which some token ends inside a Hangul syllable (3 UTF-8 bytes)."""
+    text = "뷁궯쭯 햏 오늘은 날씨가 맑다"  # rare syllables: not merges of the tiny BPE
+    ids = encode(tok, text)
+    broken = [i for i in range(1, len(ids)) if "\ufffd" in tok.decode(ids[:i])]
+    assert broken, "test text must contain a token boundary inside a character"
+    return text, ids
+
+
+def test_incremental_decoder_never_emits_partial_characters(tok):
+    text, ids = _split_syllable_ids(tok)
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # at least one token was held back
+
+
+def test_incremental_decoder_with_prompt_prefix(tok):
+    prompt = encode(tok, "서울의 봄은")
+    cont = encode(tok, " 벚꽃과 함께 뷁")
+    dec = IncrementalDecoder(tok, prompt)
+    out = "".join(dec.push(i) for i in cont) + dec.flush()
+    assert out == tok.decode(prompt + cont)[len(tok.decode(prompt)):]
+
+
+def test_stop_matcher_holds_back_possible_prefix():
+    m = StopMatcher(("다.",))
+    assert m.feed("맑") == ("맑", False)
+    assert m.feed("다") == ("", False)  # could be the start of "다."
+    assert m.feed(".") == ("", True)
+
+
+def test_stop_matcher_releases_when_prefix_breaks():
+    m = StopMatcher(("###",))
+    assert m.feed("a#") == ("a", False)
+    assert m.feed("#b") == ("##b", False)
+    assert m.feed("x###y") == ("x", True)
+
+
+def test_stop_matcher_earliest_of_several():
+    m = StopMatcher(("bc", "ab"))
+    assert m.feed("zabc") == ("z", True)

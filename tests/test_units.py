@@ -1,0 +1,176 @@
+"""Unit tests without a model: batch planning, request validation, sampling filters, config."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from service.api import validation
+from service.api.pb import lm_pb2
+from service.engine.batching import ScoreBatcher, plan_batches
+from service.engine.config import BatchConfig, EngineConfig, LimitsConfig
+from service.engine.errors import InvalidRequest, QueueFull
+from service.engine.sampling import SamplingParams, _filter, new_generator, select
+from service.engine.scoring import ScoreItem
+
+LIMITS = LimitsConfig()
+
+
+def test_plan_batches_respects_token_budget_and_sorts():
+    lengths = [5, 100, 7, 98, 6, 50]
+    batches = plan_batches(lengths, lambda x: x, max_tokens=200, max_rows=10)
+    assert sorted(x for b in batches for x in b) == sorted(lengths)
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(b) <= 200
+    assert batches[0] == [100, 98]  # longest first, similar lengths together
+
+
+def test_plan_batches_row_limit_and_oversized_item():
+    batches = plan_batches([1] * 5 + [1000], lambda x: x, max_tokens=100, max_rows=2)
+    assert batches[0] == [1000]
+    assert all(len(b) <= 2 for b in batches)
+
+
+def _item(n):
+    return ScoreItem(input_ids=[1] * n, target_ids=[1], truncated_tokens=0)
+
+
+def test_batcher_groups_concurrent_submissions():
+    seen = []
+
+    async def fake_run(items):
+        seen.append(len(items))
+        return [i.length for i in items]
+
+    async def main():
+        b = ScoreBatcher(fake_run, BatchConfig(max_wait_ms=20), 10_000, lambda s: None)
+        return await asyncio.gather(*(b.submit([_item(n)]) for n in range(1, 9)))
+
+    out = asyncio.run(main())
+    assert out == [[n] for n in range(1, 9)]
+    assert seen == [8]
+
+
+def test_batcher_queue_limit_raises_queue_full():
+    async def slow(items):
+        await asyncio.sleep(0.2)
+        return [0] * len(items)
+
+    async def main():
+        b = ScoreBatcher(slow, BatchConfig(max_queue_pairs=3, max_wait_ms=0), 10_000, lambda s: None)
+        first = asyncio.ensure_future(b.submit([_item(1)] * 3))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await b.submit([_item(1)])
+        await first
+
+    asyncio.run(main())
+
+
+def test_batcher_drops_cancelled_items():
+    ran = []
+
+    async def run(items):
+        ran.extend(i.length for i in items)
+        await asyncio.sleep(0.05)
+        return [0] * len(items)
+
+    async def main():
+        b = ScoreBatcher(run, BatchConfig(max_wait_ms=10, max_batch_pairs=1), 10_000, lambda s: None)
+        keep = asyncio.ensure_future(b.submit([_item(3)]))
+        gone = asyncio.ensure_future(b.submit([_item(2)]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await keep
+        await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    assert ran == [3]
+
+
+def _params(**kw):
+    return lm_pb2.GenerationParameters(**kw)
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(max_new_tokens=5000), "max_new_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=-0.1), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(typical_p=2), "typical_p"),
+        (dict(temperature=float("nan")), "finite"),
+        (dict(top_logprobs=21), "top_logprobs"),
+        (dict(stop=[""]), "stop"),
+        (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
+    ],
+)
+def test_generation_params_rejected(kw, msg):
+    with pytest.raises(InvalidRequest, match=msg):
+        validation.generation_params(_params(**kw), LIMITS)
+
+
+def test_generation_params_defaults():
+    p = validation.generation_params(_params(), LIMITS)
+    assert p.max_new_tokens == LIMITS.default_new_tokens
+    assert p.sampling.greedy and p.sampling.top_p == 1.0 and p.sampling.seed is None
+    assert validation.generation_params(_params(seed=0), LIMITS).sampling.seed == 0
+
+
+def test_generate_request_needs_exactly_one_prompt():
+    with pytest.raises(InvalidRequest, match="empty"):
+        validation.generate_request(lm_pb2.GenerateRequest(), LIMITS)
+    with pytest.raises(InvalidRequest, match="not both"):
+        validation.generate_request(lm_pb2.GenerateRequest(text="a", token_ids=[1]), LIMITS)
+
+
+def test_score_request_limits():
+    pair = lm_pb2.ScorePair(context="a", continuation="b")
+    with pytest.raises(InvalidRequest, match="no pairs"):
+        validation.score_request(lm_pb2.ScoreRequest(), LIMITS)
+    with pytest.raises(InvalidRequest, match="limit per call"):
+        validation.score_request(lm_pb2.ScoreRequest(pairs=[pair] * 257), LIMITS)
+    with pytest.raises(InvalidRequest, match="continuation is empty"):
+        validation.score_request(lm_pb2.ScoreRequest(pairs=[lm_pb2.ScorePair(context="a")]), LIMITS)
+    pairs, opts = validation.score_request(lm_pb2.ScoreRequest(pairs=[pair], truncate=True), LIMITS)
+    assert pairs == [("a", "b")] and opts.truncate
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    kept = torch.isfinite(_filter(logits, SamplingParams(temperature=1.0, top_k=2)))
+    assert kept.tolist() == [True, True, False, False]
+    p = torch.softmax(logits, -1)  # [0.64, 0.24, 0.09, 0.03]
+    kept = torch.isfinite(_filter(logits, SamplingParams(temperature=1.0, top_p=0.7)))
+    assert kept.tolist() == [True, True, False, False]
+    kept = torch.isfinite(_filter(logits, SamplingParams(temperature=1.0, top_p=float(p[0]) - 0.01)))
+    assert kept.tolist() == [True, False, False, False]
+
+
+def test_seeded_sampling_is_reproducible_and_follows_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    params = SamplingParams(temperature=1.0, seed=7)
+    g1, _ = new_generator(7, torch.device("cpu"))
+    g2, _ = new_generator(7, torch.device("cpu"))
+    seen = torch.tensor([], dtype=torch.long)
+    a = [select(logits, params, g1, seen) for _ in range(3000)]
+    b = [select(logits, params, g2, seen) for _ in range(3000)]
+    assert a == b
+    freq = torch.bincount(torch.tensor(a), minlength=3).float() / len(a)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    logits = torch.tensor([2.0, 1.9, -1.0])
+    g, _ = new_generator(0, torch.device("cpu"))
+    assert select(logits, SamplingParams(), g, torch.tensor([], dtype=torch.long)) == 0
+    assert select(logits, SamplingParams(repetition_penalty=1.2), g, torch.tensor([0])) == 1
+
+
+def test_engine_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown model"):
+        EngineConfig.from_dict({"model": {"modle": "x"}})
+    assert EngineConfig.from_dict({"limits": {"max_score_pairs": 3}}).limits.max_score_pairs == 3

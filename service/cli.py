@@ -8,6 +8,7 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from .api.pb import lm_pb2
 from .client import Client
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                     sys.stdout.flush()
                 print()
                 if last is not None:
-                    print(f"[{last.generated_tokens} tokens, finish {last.finish_reason}]", file=sys.stderr)
+                    print(f"[{last.generated_tokens} tokens, finish {lm_pb2.FinishReason.Name(last.finish_reason)}]", file=sys.stderr)
             elif a.cmd == "score":
                 _print(c.score([(a.context, a.continuation)], truncate=a.truncate, token_details=a.details,
                                timeout=a.timeout))

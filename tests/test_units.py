@@ -174,3 +174,22 @@ def test_engine_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown model"):
         EngineConfig.from_dict({"model": {"modle": "x"}})
     assert EngineConfig.from_dict({"limits": {"max_score_pairs": 3}}).limits.max_score_pairs == 3
+
+
+def test_batcher_survives_a_failing_stats_sink():
+    """Regression: Ray's Counter.inc(0) raised inside the sink and killed the batch loop,
+    leaving concurrent callers waiting forever."""
+
+    async def run(items):
+        return [i.length for i in items]
+
+    def sink(_):
+        raise ValueError("value must be >0, got 0")
+
+    async def main():
+        b = ScoreBatcher(run, BatchConfig(max_wait_ms=1), 10_000, sink)
+        first = await b.submit([_item(1)])
+        rest = await asyncio.wait_for(asyncio.gather(*(b.submit([_item(n)]) for n in range(2, 6))), timeout=5)
+        return first, rest
+
+    assert asyncio.run(main()) == ([1], [[2], [3], [4], [5]])

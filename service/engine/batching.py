@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from typing import Awaitable, Callable
 
@@ -10,6 +11,8 @@ from .config import BatchConfig
 from .errors import QueueFull
 from .scoring import PairResult, ScoreItem
 from .stats import ScoreBatchStats, StatsSink
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -112,12 +115,14 @@ class ScoreBatcher:
             if not p.future.done():
                 p.future.set_result(r)
         width = max(p.item.length for p in batch)
-        self._on_stats(
-            ScoreBatchStats(
-                pairs=len(batch),
-                tokens=sum(p.item.length for p in batch),
-                padded_tokens=width * len(batch),
-                queue_seconds=start - min(p.enqueued for p in batch),
-                forward_seconds=time.monotonic() - start,
-            )
+        stats = ScoreBatchStats(
+            pairs=len(batch),
+            tokens=sum(p.item.length for p in batch),
+            padded_tokens=width * len(batch),
+            queue_seconds=start - min(p.enqueued for p in batch),
+            forward_seconds=time.monotonic() - start,
         )
+        try:
+            self._on_stats(stats)
+        except Exception:  # noqa: BLE001 - a metrics failure must never stop the batcher
+            log.exception("stats sink failed")

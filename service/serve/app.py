@@ -20,6 +20,10 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+class StatusSet(Exception):
+    """Ends a stream whose gRPC status code and details are already set on the context."""
+
+
 @serve.deployment(name="LanguageModel", max_ongoing_requests=1024, health_check_period_s=10)
 class LanguageModelServer:
     """Ingress of the polyglot.v1.LanguageModel service (and grpc.health.v1.Health)."""
@@ -79,7 +83,9 @@ class LanguageModelServer:
                     yield acc.take()
         except Exception as e:  # noqa: BLE001
             self._fail(grpc_context, "GenerateStream", e, t0)
-            return
+            # A stream that ends normally is OK whatever the context says: raising is what makes
+            # Ray's proxy send the status code and details set above.
+            raise StatusSet(grpc_context.details()) from None
         self._ok("GenerateStream", t0)
 
     async def _generate(self, request):

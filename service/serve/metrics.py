@@ -57,11 +57,15 @@ class Metrics:
             self.batch_pairs.observe(s.pairs)
             self.batch_tokens.observe(s.padded_tokens)
             self.queue_time.observe(s.queue_seconds)
+            # Ray's Counter.inc rejects 0: count only what happened.
             self.scored_tokens.inc(s.tokens)
-            self.padded_tokens.inc(s.padded_tokens - s.tokens)
+            if s.padded_tokens > s.tokens:
+                self.padded_tokens.inc(s.padded_tokens - s.tokens)
         elif isinstance(s, GenerationStats):
-            self.generated_tokens.inc(s.generated_tokens)
-            self.prompt_tokens.inc(s.prompt_tokens)
+            if s.generated_tokens:
+                self.generated_tokens.inc(s.generated_tokens)
+            if s.prompt_tokens:
+                self.prompt_tokens.inc(s.prompt_tokens)
             self.ttft.observe(s.time_to_first_token_seconds)
             for gap in s.inter_token_seconds:
                 self.itl.observe(gap)

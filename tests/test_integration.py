@@ -1,0 +1,173 @@
+"""Integration tests: real Ray Serve with its gRPC proxy on loopback, called with a real grpcio client."""
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from conftest import run
+from service.api.pb import lm_pb2
+from service.client import Client
+from service.engine.engine import ScoreOptions
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    """Ray + Serve + one tiny nf4 replica on the CPU, deployed from deploy/serve_config.yaml."""
+    import ray
+    from ray import serve
+
+    from service.serve.launch import deploy, load_config, override, start_ray
+
+    metrics_port = free_port()
+    start_ray(None, metrics_port, object_store_mb=256)
+    cfg = override(
+        load_config(), model=str(tiny_dir), num_gpus=0, grpc_port=free_port(), http_port=free_port(),
+        replicas=1, engine={"batch": {"max_wait_ms": 20}},
+    )
+    deploy(cfg, timeout_s=300)
+    address = f"127.0.0.1:{cfg['grpc_options']['port']}"
+    yield {"address": address, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server["address"]) as c:
+        yield c
+
+
+def test_model_info_and_health(client, tiny_dir):
+    info = client.model_info()
+    assert info.model_id == str(tiny_dir)
+    assert info.quantization == "nf4" and info.compute_dtype == "float32"
+    assert info.max_context == 2048 and info.vocab_size == 1024 and info.device == "cpu"
+    assert len(info.tokenizer_hash) == 64
+    assert client.healthy()
+
+
+def test_reflection_lists_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server["address"]) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"polyglot.v1.LanguageModel", "grpc.health.v1.Health"} <= names
+
+
+def test_generate_and_stream_agree(client):
+    unary = client.generate("오늘은 날씨가", max_new_tokens=30)
+    assert unary.finish_reason == lm_pb2.FINISH_REASON_EOS
+    assert unary.text == " 맑고 바람이 시원하다."  # the tiny model learned this corpus line
+    msgs = list(client.generate_stream("오늘은 날씨가", max_new_tokens=30))
+    assert "".join(m.text for m in msgs) == unary.text
+    assert [m.finish_reason for m in msgs[:-1]] == [0] * (len(msgs) - 1)
+    assert msgs[-1].finish_reason == unary.finish_reason
+    assert msgs[-1].generated_tokens == unary.generated_tokens
+    assert unary.prompt_tokens == len(client.tokenize("오늘은 날씨가").ids)
+
+
+def test_stream_pieces_are_whole_characters(client):
+    msgs = list(client.generate_stream("뷁", max_new_tokens=12, temperature=1.0, seed=5, logprobs=True))
+    assert all("\ufffd" not in m.text for m in msgs[:-1])
+    ids = [i for m in msgs for i in m.details.ids]
+    assert len(ids) == msgs[-1].generated_tokens
+    same = client.generate("뷁", max_new_tokens=12, temperature=1.0, seed=5)
+    assert "".join(m.text for m in msgs) == same.text and same.seed == 5
+
+
+def test_score_over_grpc_equals_engine(client, engine_nf4):
+    pairs = [("서울의 봄은", " 벚꽃과 함께 찾아온다."), ("", "안녕하세요"), ("오늘은 날씨가 ", "맑고")]
+    got = client.score(pairs, token_details=True, top_logprobs=2).scores
+    want = run(engine_nf4.score(pairs, ScoreOptions()))
+    for g, w, (ctx, cont) in zip(got, want, pairs):
+        assert g.logprob == pytest.approx(w.logprob, abs=1e-5)
+        assert g.is_greedy == w.is_greedy and g.num_tokens == w.num_tokens
+        assert g.details.logprobs and sum(g.details.logprobs) == pytest.approx(g.logprob, abs=1e-4)
+        assert len(g.details.top) == 2 * g.num_tokens
+    assert got[2].num_chars == len(" 맑고") and got[2].num_bytes == len(" 맑고".encode())
+
+
+def test_concurrent_score_calls_share_batches(client):
+    def call(i):
+        return client.score([(f"우리 가족은 주말마다 {i}", " 공원에서 산책을 한다.")]).scores[0]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as ex:
+        results = list(ex.map(call, range(64)))
+    assert all(r.num_tokens > 0 for r in results)
+    assert max(r.batch_pairs for r in results) > 1
+
+
+def test_tokenize_detokenize_round_trip(client):
+    t = client.tokenize("한글 텍스트")
+    assert client.detokenize(t.ids) == "한글 텍스트"
+    assert len(t.texts) == len(t.ids)
+
+
+LONG = "오늘은 날씨가 맑고 바람이 시원하다. " * 400
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda c: c.generate(""), "prompt is empty"),
+        (lambda c: c.generate("안녕", max_new_tokens=5000), "max_new_tokens"),
+        (lambda c: c.generate(LONG, max_new_tokens=100), "window"),
+        (lambda c: c.generate("안녕", temperature=-1.0), "temperature"),
+        (lambda c: c.generate("안녕", top_p=1.5), "top_p"),
+        (lambda c: c.generate("안녕", top_k=-1), "top_k"),
+        (lambda c: c.generate([999999]), "vocabulary"),
+        (lambda c: list(c.generate_stream("안녕", temperature=-1.0)), "temperature"),
+        (lambda c: list(c.generate_stream("")), "prompt is empty"),
+        (lambda c: c.score([("맥락", "")]), "continuation is empty"),
+        (lambda c: c.score([]), "no pairs"),
+        (lambda c: c.score([(LONG, " 끝")]), "window"),
+        (lambda c: c.score([("a", "b")] * 257), "limit per call"),
+        (lambda c: c.score([("a", "b")], token_details=True, top_logprobs=50), "top_logprobs"),
+        (lambda c: c.detokenize([10**6]), "vocabulary"),
+    ],
+)
+def test_bad_input_is_invalid_argument_and_server_survives(client, call, message):
+    with pytest.raises(grpc.RpcError) as err:
+        call(client)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    assert "Traceback" not in err.value.details()
+    assert client.score([("서울의 봄은", " 벚꽃")]).scores[0].num_tokens > 0
+
+
+def test_truncation_is_reported(client):
+    r = client.score([(LONG, " 끝")], truncate=True).scores[0]
+    assert r.truncated_tokens > 0
+
+
+def test_metrics_are_exported(client, server):
+    client.score([("서울의 봄은", " 벚꽃")])
+    client.generate("서울의 봄은", max_new_tokens=4)
+    want = ["ray_polyglot_requests_total", "ray_polyglot_score_batch_pairs", "ray_polyglot_generated_tokens_total",
+            "ray_polyglot_time_to_first_token_seconds", "ray_serve_num_grpc_requests"]
+    deadline = time.monotonic() + 60
+    while True:
+        text = urllib.request.urlopen(server["metrics"], timeout=5).read().decode()
+        missing = [m for m in want if m not in text]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"metrics never appeared: {missing}"
+        time.sleep(2)
+    line = next(l for l in text.splitlines() if l.startswith("ray_polyglot_requests_total") and 'method="Score"' in l)
+    assert float(line.rsplit(" ", 1)[1]) >= 1

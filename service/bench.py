@@ -1,0 +1,512 @@
+"""The benchmark: the service end to end (async gRPC client -> Ray Serve -> model) beside in-process baselines on the same model.
+
+    python -m service.bench            # GPU: 5.8B-shape nf4 checkpoint (random weights unless --model is given)
+    python -m service.bench --quick    # CPU: the tiny model, same code path, numbers meaningless
+
+Writes one JSON file and prints one Markdown table: each service figure beside its baseline and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HANGUL = [chr(c) for c in range(0xAC00, 0xD7A4)]
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Sizes of every workload; --quick shrinks them for a CPU."""
+
+    quick: bool = False
+    model: str = "/tmp/polyglot-ko-5.8b-random"
+    """Checkpoint directory (built if missing and it is the default) or hub id."""
+    out: str = "bench-results"
+    pairs: int = 2048
+    """Independent (context, continuation) pairs: contexts 50-1,000 tokens, continuations 1-30."""
+    mc_questions: int = 256
+    """Multiple-choice questions: one ~1,000-token context, 4 continuations of 15-25 tokens."""
+    mc_context: int = 1000
+    score_concurrency: int = 512
+    """Score calls in flight at once from the client."""
+    gen_tokens: int = 128
+    gen_concurrency: tuple[int, ...] = (1, 8, 32, 64, 128)
+    gen_prompt: int = 32
+    gen_timeout_s: float = 120.0
+    """Deadline of each Generate stream; a level that cannot finish in time reports errors, not a hang."""
+    hflm_batch: int = 64
+
+    @classmethod
+    def quick_config(cls, model: str) -> "BenchConfig":
+        return cls(quick=True, model=model, pairs=48, mc_questions=6, mc_context=200, score_concurrency=16,
+                   gen_tokens=8, gen_concurrency=(1, 4), gen_prompt=8, gen_timeout_s=60, hflm_batch=16)
+
+
+# --- the model under test ---------------------------------------------------------------------------
+
+def random_korean(rng: random.Random, n_chars: int) -> str:
+    """Korean-looking text: words of 1-4 syllables drawn from a Zipf-like distribution."""
+    weights = [1.0 / (i + 10) for i in range(len(HANGUL))]
+    out, n = [], 0
+    while n < n_chars:
+        w = "".join(rng.choices(HANGUL, weights, k=rng.randint(1, 4)))
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out)
+
+
+def build_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A checkpoint with polyglot-ko-5.8b's exact shape and random fp16 weights, plus a 30,080-entry byte-level
+    BPE tokenizer: every kernel, byte and FLOP of the real model, none of its knowledge."""
+    from safetensors.torch import save_file
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from .engine.tiny import EOT, PAD, train_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    tok = train_tokenizer([random_korean(rng, 2000) for _ in range(2000)], vocab_size=30080)
+    tok.save_pretrained(path)
+    cfg = GPTNeoXConfig(
+        vocab_size=30080, hidden_size=4096, num_hidden_layers=28, num_attention_heads=16, intermediate_size=16384,
+        rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048, use_parallel_residual=True,
+        tie_word_embeddings=False, bos_token_id=tok.convert_tokens_to_ids(EOT), eos_token_id=tok.convert_tokens_to_ids(EOT),
+        pad_token_id=tok.convert_tokens_to_ids(PAD), dtype="float16",
+    )
+    cfg.save_pretrained(path)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in GPTNeoXForCausalLM(cfg).state_dict().items()}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith(("layernorm.weight", "layer_norm.weight")):
+            t = torch.ones(shape, dtype=torch.float16)
+        elif len(shape) == 1:
+            t = torch.zeros(shape, dtype=torch.float16)
+        else:
+            t = (torch.randn(shape, generator=g, device=dev, dtype=torch.float16) * 0.02).cpu()
+        state[name] = t.contiguous()
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "BUILD.json").write_text(json.dumps({"seed": seed, "kind": "random weights, polyglot-ko-5.8b shape"}))
+    return path
+
+
+# --- workloads --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Workloads:
+    pairs: list[tuple[str, str]]
+    mc: list[tuple[str, list[str]]]
+    gen_prompt: str
+    pair_tokens: list[int]  # context + continuation tokens of each pair, as the engine encodes them
+    mc_tokens: list[int]  # per question: sum over its pairs
+
+
+def make_workloads(tokenizer, cfg: BenchConfig, seed: int = 1) -> Workloads:
+    from .engine.text import encode, encode_pair
+
+    rng = random.Random(seed)
+    eot = tokenizer.eos_token_id
+    corpus = encode(tokenizer, random_korean(rng, 200_000))
+
+    def text_of(n: int) -> str:
+        start = rng.randrange(0, len(corpus) - n - 1)
+        return tokenizer.decode(corpus[start : start + n]).strip() or "가"
+
+    scale = cfg.mc_context / 1000
+    pairs = [(text_of(rng.randint(int(50 * scale) or 5, cfg.mc_context)), " " + text_of(rng.randint(1, 30)))
+             for _ in range(cfg.pairs)]
+    mc = [(text_of(cfg.mc_context), [" " + text_of(rng.randint(15, 25)) for _ in range(4)])
+          for _ in range(cfg.mc_questions)]
+
+    def n_tokens(c, x):
+        p = encode_pair(tokenizer, c, x, eot)
+        return len(p.context_ids) + len(p.continuation_ids)
+
+    return Workloads(
+        pairs=pairs,
+        mc=mc,
+        gen_prompt=text_of(cfg.gen_prompt),
+        pair_tokens=[n_tokens(c, x) for c, x in pairs],
+        mc_tokens=[sum(n_tokens(c, x) for x in xs) for c, xs in mc],
+    )
+
+
+# --- baselines (in-process, no serving layer) -------------------------------------------------------
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def baseline_raw_forward(lm, w: Workloads, batch: int) -> dict:
+    """Plain forward + log-softmax over the vocabulary at every position, length-sorted batches: the ceiling
+    a serving layer can approach for Score."""
+    from .engine.text import encode_pair
+
+    tok, model, dev = lm.tokenizer, lm.model, lm.device
+    seqs = []
+    for c, x in w.pairs:
+        p = encode_pair(tok, c, x, lm.eos_token_id)
+        seqs.append((p.context_ids + p.continuation_ids, len(p.continuation_ids)))
+    seqs.sort(key=lambda s: -len(s[0]))
+
+    def run(chunk):
+        width = max(len(s) - 1 for s, _ in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_token_id or 0, dtype=torch.long)  # [B, T]
+        for i, (s, _) in enumerate(chunk):
+            ids[i, : len(s) - 1] = torch.tensor(s[:-1])
+        logp = torch.log_softmax(model(ids.to(dev)).logits.float(), -1)  # [B, T, V]
+        return float(logp[:, -1].sum())
+
+    run(seqs[:batch])  # warm-up
+    _sync()
+    t = time.perf_counter()
+    for i in range(0, len(seqs), batch):
+        run(seqs[i : i + batch])
+    _sync()
+    dt = time.perf_counter() - t
+    return {"tokens": sum(w.pair_tokens), "seconds": dt, "tokens_per_s": sum(w.pair_tokens) / dt}
+
+
+def baseline_hflm(lm, w: Workloads, batch: int) -> dict:
+    """lm-evaluation-harness's HFLM `_loglikelihood_tokens` on the same pairs (what evaluation teams run today)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from .engine.text import encode_pair
+
+    hf = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch, max_length=lm.max_context,
+              device=str(lm.device))
+
+    def reqs(pairs):
+        out = []
+        for c, x in pairs:
+            p = encode_pair(lm.tokenizer, c, x, lm.eos_token_id)
+            out.append(((c, x), p.context_ids, p.continuation_ids))
+        return out
+
+    result = {}
+    for name, pairs, tokens in (
+        ("pairs", w.pairs, sum(w.pair_tokens)),
+        ("mc", [(c, x) for c, xs in w.mc for x in xs], sum(w.mc_tokens)),
+    ):
+        r = reqs(pairs)
+        hf._loglikelihood_tokens(r[:batch], disable_tqdm=True)  # warm-up
+        _sync()
+        t = time.perf_counter()
+        hf._loglikelihood_tokens(r, disable_tqdm=True)
+        _sync()
+        dt = time.perf_counter() - t
+        result[name] = {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt}
+    return result
+
+
+@torch.inference_mode()
+def baseline_generate(lm, w: Workloads, cfg: BenchConfig) -> dict:
+    """transformers `model.generate`, greedy, exactly gen_tokens new tokens, at batch 1 and each concurrency."""
+    from .engine.text import encode
+
+    ids = torch.tensor([encode(lm.tokenizer, w.gen_prompt)], device=lm.device)
+    out = {}
+    for b in sorted({1, *cfg.gen_concurrency}):
+        batch = ids.expand(b, -1)
+        kw = dict(max_new_tokens=cfg.gen_tokens, min_new_tokens=cfg.gen_tokens, do_sample=False,
+                  pad_token_id=lm.tokenizer.pad_token_id, attention_mask=torch.ones_like(batch))
+        lm.model.generate(batch, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        _sync()
+        t = time.perf_counter()
+        lm.model.generate(batch, **kw)
+        _sync()
+        dt = time.perf_counter() - t
+        out[str(b)] = {"tokens": b * cfg.gen_tokens, "seconds": dt, "tokens_per_s": b * cfg.gen_tokens / dt}
+    return out
+
+
+# --- the service ------------------------------------------------------------------------------------
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _lat(xs: list[float]) -> dict:
+    return {"p50": _pct(xs, 0.5), "p99": _pct(xs, 0.99)}
+
+
+async def drive_score(stub, pb, requests: list[list[tuple[str, str]]], tokens: list[int], concurrency: int) -> dict:
+    import grpc
+
+    sem = asyncio.Semaphore(concurrency)
+    lat, errors, batch_pairs = [], {}, []
+
+    async def one(pairs):
+        async with sem:
+            t = time.perf_counter()
+            try:
+                r = await stub.Score(pb.ScoreRequest(pairs=[pb.ScorePair(context=c, continuation=x) for c, x in pairs]))
+                lat.append(time.perf_counter() - t)
+                batch_pairs.extend(s.batch_pairs for s in r.scores)
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in requests))
+    dt = time.perf_counter() - t0
+    done = len(lat)
+    return {
+        "requests": len(requests), "completed": done, "errors": errors, "seconds": dt,
+        "tokens_per_s": sum(tokens) / dt if not errors else sum(tokens) * done / len(requests) / dt,
+        "latency_s": _lat(lat), "mean_batch_pairs": sum(batch_pairs) / max(1, len(batch_pairs)),
+    }
+
+
+async def drive_generate(stub, pb, prompt: str, n_streams: int, cfg: BenchConfig) -> dict:
+    import grpc
+
+    ttft, itl, lat, errors, tokens = [], [], [], {}, 0
+    params = pb.GenerationParameters(max_new_tokens=cfg.gen_tokens, min_new_tokens=cfg.gen_tokens, ignore_eos=True)
+
+    async def one():
+        nonlocal tokens
+        t = time.perf_counter()
+        last, n = None, 0
+        try:
+            async for m in stub.GenerateStream(pb.GenerateRequest(text=prompt, parameters=params),
+                                               timeout=cfg.gen_timeout_s):
+                now = time.perf_counter()
+                new = m.generated_tokens - n
+                if last is None:
+                    ttft.append(now - t)
+                elif new > 0:
+                    itl.extend([(now - last) / new] * new)
+                last, n = now, m.generated_tokens
+            lat.append(time.perf_counter() - t)
+            tokens += n
+        except grpc.aio.AioRpcError as e:
+            errors[e.code().name] = errors.get(e.code().name, 0) + 1
+            tokens += n
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n_streams)))
+    dt = time.perf_counter() - t0
+    return {
+        "streams": n_streams, "completed": len(lat), "errors": errors, "seconds": dt, "tokens": tokens,
+        "tokens_per_s": tokens / dt, "ttft_s": _lat(ttft), "itl_s": _lat(itl), "latency_s": _lat(lat),
+    }
+
+
+class GpuMemorySampler:
+    """Peak GPU memory in use (nvidia-smi, whole device) while the service runs."""
+
+    def __init__(self):
+        self.peak_mib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=5).stdout
+                self.peak_mib = max(self.peak_mib, int(out.split()[0]))
+            except Exception:  # noqa: BLE001 - no GPU or no nvidia-smi: no figure
+                return
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_service(model: str, w: Workloads, cfg: BenchConfig) -> dict:
+    import grpc
+    import ray
+    from ray import serve
+
+    from .api.pb import lm_pb2, lm_pb2_grpc
+    from .serve.launch import deploy, load_config, override, start_ray
+
+    gpu = torch.cuda.is_available()
+    start_ray(None, _free_port(), object_store_mb=1024 if gpu else 256)
+    port = _free_port()
+    serve_cfg = override(load_config(), model=model, num_gpus=1 if gpu else 0, grpc_port=port,
+                         http_port=_free_port(), replicas=1)
+    t = time.perf_counter()
+    deploy(serve_cfg, timeout_s=900)
+    startup = time.perf_counter() - t
+
+    async def main():
+        opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
+            stub = lm_pb2_grpc.LanguageModelStub(ch)
+            await stub.Score(lm_pb2.ScoreRequest(pairs=[lm_pb2.ScorePair(context=w.pairs[0][0], continuation="가")]))
+            res = {"startup_s": startup}
+            res["score_pairs"] = await drive_score(stub, lm_pb2, [[p] for p in w.pairs], w.pair_tokens,
+                                                   cfg.score_concurrency)
+            res["score_mc"] = await drive_score(stub, lm_pb2, [[(c, x) for x in xs] for c, xs in w.mc],
+                                                w.mc_tokens, max(1, cfg.score_concurrency // 4))
+            res["generate"] = {}
+            for c in cfg.gen_concurrency:
+                res["generate"][str(c)] = await drive_generate(stub, lm_pb2, w.gen_prompt, c, cfg)
+            return res
+
+    try:
+        with GpuMemorySampler() as mem:
+            res = asyncio.run(main())
+        res["peak_gpu_memory_mib"] = mem.peak_mib or None
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return res
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for p in ("transformers", "bitsandbytes", "ray", "grpcio", "lm_eval"):
+        try:
+            v[p] = md.version(p)
+        except md.PackageNotFoundError:
+            v[p] = None
+    return v
+
+
+def _ratio(a, b):
+    return round(a / b, 2) if a and b else None
+
+
+def table(r: dict) -> str:
+    b, s = r["baselines"], r["service"]
+    rows = [("Score, independent pairs (tokens/s)", s["score_pairs"]["tokens_per_s"], "HFLM batch 64",
+             b["hflm"]["pairs"]["tokens_per_s"]),
+            ("Score, independent pairs (tokens/s)", s["score_pairs"]["tokens_per_s"], "raw forward + log-softmax",
+             b["raw_forward"]["tokens_per_s"]),
+            ("Score, 4-way multiple choice (pair-tokens/s)", s["score_mc"]["tokens_per_s"], "HFLM batch 64",
+             b["hflm"]["mc"]["tokens_per_s"])]
+    for c, g in s["generate"].items():
+        base = b["generate"].get(c)
+        rows.append((f"Generate, {c} concurrent streams (tokens/s)", g["tokens_per_s"], f"`generate` batch {c}",
+                     base["tokens_per_s"] if base else None))
+    lines = ["| workload | service | baseline | baseline value | ratio |", "|---|---:|---|---:|---:|"]
+    for name, sv, bn, bv in rows:
+        lines.append(f"| {name} | {sv:,.0f} | {bn} | {bv:,.0f} | {_ratio(sv, bv)} |" if bv else
+                     f"| {name} | {sv:,.0f} | {bn} | – | – |")
+    lines += ["", "| Generate streams | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | completed | errors |",
+              "|---:|---:|---:|---:|---|"]
+    ms = lambda x: f"{x * 1000:,.0f}" if x is not None else "–"  # noqa: E731
+    for c, g in s["generate"].items():
+        lines.append(f"| {c} | {ms(g['ttft_s']['p50'])} / {ms(g['ttft_s']['p99'])} | "
+                     f"{ms(g['itl_s']['p50'])} / {ms(g['itl_s']['p99'])} | {g['completed']}/{g['streams']} | "
+                     f"{g['errors'] or 0} |")
+    sp, mc = s["score_pairs"], s["score_mc"]
+    lines += ["", f"Score calls: independent {sp['completed']}/{sp['requests']} completed, errors {sp['errors'] or 0}, "
+              f"latency p50/p99 {ms(sp['latency_s']['p50'])}/{ms(sp['latency_s']['p99'])} ms, "
+              f"mean pairs per forward {sp['mean_batch_pairs']:.1f}; multiple choice {mc['completed']}/{mc['requests']}, "
+              f"errors {mc['errors'] or 0}. Peak GPU memory {s.get('peak_gpu_memory_mib') or '–'} MiB. "
+              f"Replica start {s['startup_s']:.0f} s.", "",
+              f"Device: {r['device']}; {r['date']}; versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CPU, tiny model, small workloads (the code path, not numbers)")
+    ap.add_argument("--model", help="checkpoint dir or hub id (default: the 5.8B-shape random checkpoint / tiny)")
+    ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--gen-concurrency", help="comma-separated stream counts (default 1,8,32,64,128)")
+    ap.add_argument("--gen-timeout", type=float, help="deadline of each Generate stream, seconds")
+    ap.add_argument("--pairs", type=int, help="independent Score pairs")
+    ap.add_argument("--mc-questions", type=int, help="multiple-choice questions")
+    args = ap.parse_args(argv)
+
+    if args.quick:
+        from .engine.tiny import ensure
+        model = args.model or str(ensure(Path(".models/tiny")))
+        cfg = BenchConfig.quick_config(model)
+    else:
+        cfg = BenchConfig()
+        model = args.model or cfg.model
+        if not args.model and not (Path(model) / "BUILD.json").exists():
+            print(f"building a 5.8B-shape random checkpoint at {model}", flush=True)
+            build_checkpoint(Path(model))
+    cfg.out = args.out
+    if args.gen_concurrency:
+        cfg.gen_concurrency = tuple(int(x) for x in args.gen_concurrency.split(","))
+    if args.gen_timeout:
+        cfg.gen_timeout_s = args.gen_timeout
+    if args.pairs:
+        cfg.pairs = args.pairs
+    if args.mc_questions:
+        cfg.mc_questions = args.mc_questions
+
+    from .engine import loader
+    from .engine.config import ModelConfig
+
+    t = time.perf_counter()
+    lm = loader.load(ModelConfig(model=model))
+    print(f"baseline model loaded in {time.perf_counter() - t:.1f}s on {lm.device}", flush=True)
+    w = make_workloads(lm.tokenizer, cfg)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    result = {"date": datetime.date.today().isoformat(), "device": device, "versions": _versions(),
+              "config": dataclasses.asdict(cfg), "model": model, "quantization": lm.quantization,
+              "compute_dtype": str(lm.compute_dtype)}
+    if not args.skip_baselines:
+        b = {}
+        t = time.perf_counter()
+        b["raw_forward"] = baseline_raw_forward(lm, w, cfg.hflm_batch)
+        b["hflm"] = baseline_hflm(lm, w, cfg.hflm_batch)
+        b["generate"] = baseline_generate(lm, w, cfg)
+        print(f"baselines done in {time.perf_counter() - t:.0f}s", flush=True)
+        result["baselines"] = b
+    del lm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    t = time.perf_counter()
+    result["service"] = run_service(model, w, cfg)
+    print(f"service done in {time.perf_counter() - t:.0f}s", flush=True)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{'quick' if cfg.quick else 'gpu'}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    if "baselines" in result:
+        md = table(result)
+        (out / f"{stem}.md").write_text(md + "\n")
+        print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -57,14 +58,17 @@ class BenchConfig:
 
 # --- the model under test ---------------------------------------------------------------------------
 
+_CUM = list(itertools.accumulate(1.0 / (i + 10) for i in range(len(HANGUL))))
+
+
 def random_korean(rng: random.Random, n_chars: int) -> str:
     """Korean-looking text: words of 1-4 syllables drawn from a Zipf-like distribution."""
-    weights = [1.0 / (i + 10) for i in range(len(HANGUL))]
-    out, n = [], 0
-    while n < n_chars:
-        w = "".join(rng.choices(HANGUL, weights, k=rng.randint(1, 4)))
-        out.append(w)
-        n += len(w) + 1
+    syllables = rng.choices(HANGUL, cum_weights=_CUM, k=n_chars)
+    out, i = [], 0
+    while i < n_chars:
+        k = rng.randint(1, 4)
+        out.append("".join(syllables[i : i + k]))
+        i += k
     return " ".join(out)
 
 

@@ -370,7 +370,7 @@ def run_service(model: str, w: Workloads, cfg: BenchConfig) -> dict:
         opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
             stub = lm_pb2_grpc.LanguageModelStub(ch)
-            await stub.Score(lm_pb2.ScoreRequest(pairs=[lm_pb2.ScorePair(context=w.pairs[0][0], continuation="가")]))
+            await stub.Score(lm_pb2.ScoreRequest(pairs=[lm_pb2.ScorePair(context=w.pairs[0][0], continuation=" 가")]))
             res = {"startup_s": startup}
             res["score_pairs"] = await drive_score(stub, lm_pb2, [[p] for p in w.pairs], w.pair_tokens,
                                                    cfg.score_concurrency)
@@ -493,6 +493,8 @@ def main(argv: list[str] | None = None) -> dict:
         b["generate"] = baseline_generate(lm, w, cfg)
         print(f"baselines done in {time.perf_counter() - t:.0f}s", flush=True)
         result["baselines"] = b
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "baselines.json").write_text(json.dumps(result, indent=2))  # kept if the service fails
     del lm
     gc.collect()
     if torch.cuda.is_available():

@@ -17,13 +17,13 @@ def tiny_dir() -> Path:
     return ensure(TINY)
 
 
-def _engine(tiny_dir: Path, quantization: str, **batch):
-    from service.engine.config import BatchConfig, EngineConfig, ModelConfig
+def _engine(tiny_dir: Path, quantization: str, generation: dict | None = None):
+    from service.engine.config import EngineConfig, GenerationConfig, ModelConfig
     from service.engine.engine import Engine
 
     return Engine(
         EngineConfig(model=ModelConfig(model=str(tiny_dir), quantization=quantization, device="cpu"),
-                     batch=BatchConfig(**batch))
+                     generation=GenerationConfig(**(generation or {})))
     )
 
 
@@ -35,6 +35,12 @@ def engine_fp32(tiny_dir):
 @pytest.fixture(scope="session")
 def engine_nf4(tiny_dir):
     return _engine(tiny_dir, "nf4")
+
+
+@pytest.fixture(scope="session")
+def engine_small(tiny_dir):
+    """Two KV slots, 3-token prefill chunks, at most 3 waiting: exercises admission, queueing, chunking."""
+    return _engine(tiny_dir, "none", {"max_slots": 2, "prefill_chunk": 3, "max_waiting": 3})
 
 
 @pytest.fixture(scope="session")

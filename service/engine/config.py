@@ -59,12 +59,30 @@ class BatchConfig:
 
 
 @dataclasses.dataclass
+class GenerationConfig:
+    """Continuous batching of Generate requests over a static KV cache."""
+
+    max_slots: int = 0
+    """Sequences decoded together (KV-cache slots of a full window each); 0: as many as
+    kv_cache_memory_fraction of free GPU memory holds, up to 128 (8 on CPU)."""
+    kv_cache_memory_fraction: float = 0.85
+    """Share of the GPU memory free after loading (less the Score reserve) given to the KV cache."""
+    prefill_chunk: int = 512
+    """Prompt tokens prefilled per engine step: bounds how long a newcomer stalls running streams."""
+    max_waiting: int = 1024
+    """Requests waiting for a slot beyond this make Generate fail with "queue full" (RESOURCE_EXHAUSTED)."""
+    cuda_graphs: bool = True
+    """Capture the decode step in CUDA graphs (GPU only)."""
+
+
+@dataclasses.dataclass
 class EngineConfig:
     """Everything the engine needs, as one object (the Ray Serve app builds it from its args)."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "EngineConfig":

@@ -13,7 +13,9 @@ from . import loader
 from .batching import ScoreBatcher
 from .config import EngineConfig
 from .errors import InvalidRequest, NotReady
-from .generation import Chunk, GenerationParams, Generator
+from .generation import Chunk, GenerationParams, Sequence
+from .neox import NeoxRunner
+from .scheduler import Scheduler
 from .scoring import PairResult, Scorer, layout
 from .stats import GenerationStats, StatsSink, discard
 from .text import encode, encode_pair
@@ -36,14 +38,30 @@ class Engine:
         self.on_stats = on_stats
         pad = self.lm.tokenizer.pad_token_id
         self.scorer = Scorer(self.lm.model, self.lm.device, self.lm.eos_token_id if pad is None else pad)
-        self.generator = Generator(self.lm.model, self.lm.tokenizer, self.lm.device, self.lm.eos_token_id)
         # One thread owns the model: forward passes never block the event loop and never overlap.
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         max_tokens = cfg.batch.max_batch_tokens or (32768 if self.lm.device.type == "cuda" else 4096)
         self._batcher: ScoreBatcher | None = None
         self._max_batch_tokens = max_tokens
         self._closed = False
+        g = cfg.generation
+        self.runner = NeoxRunner(self.lm.model, self._plan_slots(), self.window, g.cuda_graphs)
+        self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
+        self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
+        self._gen_task: asyncio.Task | None = None
 
+    def _plan_slots(self) -> int:
+        """KV-cache slots: the configured number, or what the free GPU memory holds."""
+        g = self.cfg.generation
+        if g.max_slots:
+            return g.max_slots
+        if self.lm.device.type != "cuda":
+            return 8
+        per_slot = NeoxRunner.kv_bytes_per_slot(self.lm.model, self.window, self.lm.compute_dtype)
+        free, _ = torch.cuda.mem_get_info(self.lm.device)
+        # Leave room for the largest Score forward (~24 bytes of activations per token and hidden unit).
+        reserve = self._max_batch_tokens * self.lm.model.config.hidden_size * 24
+        return max(1, min(128, int((free - reserve) * g.kv_cache_memory_fraction) // per_slot))
     @property
     def window(self) -> int:
         return self.lm.max_context
@@ -98,29 +116,54 @@ class Engine:
             )
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[tuple[Chunk, int]]:
-        """Yield (chunk, seed) once per generated token until a chunk carries finish_reason.
-        Each step is one job on the model thread, so concurrent streams and Score batches interleave;
-        a consumer that stops iterating (client cancelled) stops the work at the next step."""
+        """Yield (chunk, seed) once per generated token until a chunk carries finish_reason. The request
+        joins the running batch at the next engine step; a consumer that stops iterating (client
+        cancelled, deadline) leaves the batch at the step after and frees its KV slot."""
         self.check_generation(prompt_ids, params)
+        seq = Sequence(prompt_ids, params, self.lm.tokenizer, self.lm.device)
+        seq.sink = asyncio.Queue()
+        self.scheduler.add(seq)
+        if self._gen_task is None or self._gen_task.done():
+            self._gen_task = asyncio.get_running_loop().create_task(self._generation_loop(), name="generation")
         t0 = time.monotonic()
-        seq = await self._on_model_thread(self.generator.start, prompt_ids, params)
-        last, gaps, reason = None, [], "cancelled"
+        last, gaps, ttft, reason = None, [], 0.0, "cancelled"
         try:
             while True:
-                chunk = await self._on_model_thread(self.generator.advance, seq)
+                chunk = await seq.sink.get()
+                if isinstance(chunk, BaseException):
+                    raise chunk
                 now = time.monotonic()
-                if last is not None:
+                if last is None:
+                    ttft = now - t0
+                else:
                     gaps.append(now - last)
-                ttft = (now - t0) if last is None else ttft
                 last = now
                 yield chunk, seq.seed
                 if chunk.finish_reason is not None:
                     reason = chunk.finish_reason
                     return
         finally:
-            seq.cache = None
+            if seq.finish_reason is None:
+                self.scheduler.cancel(seq)
             if last is not None:
                 self.on_stats(GenerationStats(len(prompt_ids), len(seq.generated), ttft, gaps, reason))
+
+    async def _generation_loop(self) -> None:
+        """Engine steps on the model thread while any sequence runs or waits; chunks go to their callers."""
+        while self.scheduler.has_work():
+            try:
+                outputs = await self._on_model_thread(self.scheduler.step)
+            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep the replica
+                for seq in self.scheduler.abort():
+                    seq.sink.put_nowait(e)
+                continue
+            for seq, chunk in outputs:
+                seq.sink.put_nowait(chunk)
+
+    def generation_load(self) -> tuple[int, int, int]:
+        """(running sequences, waiting sequences, KV-cache slots)."""
+        running, waiting = self.scheduler.in_use()
+        return running, waiting, self.runner.max_slots
 
     # --- Tokenizer ---------------------------------------------------------------------------------
 

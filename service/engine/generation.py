@@ -1,4 +1,4 @@
-"""Autoregressive generation of one sequence, one model step per call: prefill, then decode token by token."""
+"""Per-request generation state and the token-by-token rules: choosing a token, detokenizing it, stopping."""
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +71,7 @@ class StopMatcher:
 
 
 class Sequence:
-    """State of one generation: KV cache, logits of the next position, decoded text so far."""
+    """One generation request: prompt, parameters, RNG, decoded text so far, and its place in the batch."""
 
     def __init__(self, prompt_ids: list[int], params: GenerationParams, tokenizer, device: torch.device):
         self.prompt_ids = prompt_ids
@@ -81,77 +81,63 @@ class Sequence:
         self.stops = StopMatcher(params.stop)
         self.seen = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # [S] for repetition penalty
         self.generated: list[int] = []
-        self.cache = None
-        self.next_logits: torch.Tensor | None = None  # [V] float32
         self.finish_reason: str | None = None
+        self.prefilled = 0  # prompt tokens already in the KV cache
+        self.slot = -1
+        self.cancelled = False
+        self.sink = None  # where the scheduler's caller delivers this sequence's chunks
+
+    @property
+    def length(self) -> int:
+        """Tokens in the KV cache once the last generated token has been fed."""
+        return len(self.prompt_ids) + len(self.generated)
+
+    @property
+    def needs_eos_mask(self) -> bool:
+        return len(self.generated) < self.params.min_new_tokens
+
+    @property
+    def simple_greedy(self) -> bool:
+        """Its next token is the plain argmax of the logits (no sampling, no penalty)."""
+        return self.params.sampling.greedy and self.params.sampling.repetition_penalty == 1.0
 
 
-class Generator:
-    """Runs sequences on a causal LM. Call order: start() once, then advance() until the returned
-    chunk has a finish_reason. Every call does one forward pass at most; call from one thread."""
+def choose(seq: Sequence, logits: torch.Tensor, argmax: int | None) -> int:
+    """The next token of one sequence from its logits [V] (float32, end-of-text already masked while
+    min_new_tokens is unmet); the batch's argmax when that is the answer."""
+    if argmax is not None:
+        return argmax
+    return select(logits, seq.params.sampling, seq.generator, seq.seen)
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device, eos_id: int):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
-        self.eos_id = eos_id
 
-    @torch.inference_mode()
-    def _forward(self, seq: Sequence, ids: list[int]) -> None:
-        out = self.model(
-            input_ids=torch.tensor([ids], device=self.device),  # [1, T]
-            past_key_values=seq.cache,
-            use_cache=True,
-        )
-        seq.cache = out.past_key_values
-        seq.next_logits = out.logits[0, -1].float()  # [V]
-
-    def start(self, prompt_ids: list[int], params: GenerationParams) -> Sequence:
-        """Prefill: run the prompt through the model."""
-        seq = Sequence(prompt_ids, params, self.tokenizer, self.device)
-        self._forward(seq, prompt_ids)
-        return seq
-
-    @torch.inference_mode()
-    def advance(self, seq: Sequence) -> Chunk:
-        """Choose the next token, turn it into text, and (unless finished) run it through the model."""
-        p = seq.params
-        logits = seq.next_logits
-        n = len(seq.generated)
-        if n < p.min_new_tokens:
-            logits = logits.clone()
-            logits[self.eos_id] = float("-inf")
-        tok = select(logits, p.sampling, seq.generator, seq.seen)
-        seq.generated.append(tok)
+def accept(seq: Sequence, tok: int, eos_id: int, logp: torch.Tensor | None) -> Chunk:
+    """Append a chosen token: log-probabilities, text (UTF-8 safe), stop sequences, finish reason.
+    logp: the model's log-distribution [V] at this step, when the request asked for logprobs."""
+    p = seq.params
+    seq.generated.append(tok)
+    if p.sampling.repetition_penalty != 1.0:
         seq.seen = torch.cat([seq.seen, torch.tensor([tok], device=seq.seen.device)])
-        n += 1
+    n = len(seq.generated)
+    lps, top_i, top_v = [], [], []
+    if logp is not None:
+        lps = [float(logp[tok])]
+        if p.top_logprobs:
+            v, i = torch.topk(logp, p.top_logprobs)
+            top_i, top_v = [i.tolist()], [v.tolist()]
 
-        lps, top_i, top_v = [], [], []
-        if p.logprobs:
-            logp = torch.log_softmax(seq.next_logits, -1)  # [V] model distribution, before processors
-            lps = [float(logp[tok])]
-            if p.top_logprobs:
-                v, i = torch.topk(logp, p.top_logprobs)
-                top_i, top_v = [i.tolist()], [v.tolist()]
-
-        finish = None
-        if tok == self.eos_id and not p.ignore_eos:
-            finish = FINISH_EOS
-            piece = ""
-        else:
-            piece = seq.decoder.push(tok)
-        if finish is None and n >= p.max_new_tokens:
-            finish = FINISH_LENGTH
-        if finish is not None:
-            piece += seq.decoder.flush()
-        text, stopped = seq.stops.feed(piece, active=n >= p.min_new_tokens)
-        if stopped:
-            finish = FINISH_STOP
-        elif finish is not None:
-            text += seq.stops.flush()
-        seq.finish_reason = finish
-        if finish is None:
-            self._forward(seq, [tok])
-        else:
-            seq.cache = None  # free the KV cache now, not when the caller drops the sequence
-        return Chunk(text, [tok], lps, top_i, top_v, finish, n)
+    finish = None
+    if tok == eos_id and not p.ignore_eos:
+        finish, piece = FINISH_EOS, ""
+    else:
+        piece = seq.decoder.push(tok)
+    if finish is None and n >= p.max_new_tokens:
+        finish = FINISH_LENGTH
+    if finish is not None:
+        piece += seq.decoder.flush()
+    text, stopped = seq.stops.feed(piece, active=n >= p.min_new_tokens)
+    if stopped:
+        finish = FINISH_STOP
+    elif finish is not None:
+        text += seq.stops.flush()
+    seq.finish_reason = finish
+    return Chunk(text, [tok], lps, top_i, top_v, finish, n)

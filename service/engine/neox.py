@@ -1,0 +1,175 @@
+"""GPT-NeoX forward over a static, slot-based KV cache: chunked prefill of one sequence and batched decode of many.
+
+The weights are the transformers model's own modules (so bitsandbytes' nf4 Linear4bit layers run as
+loaded); only the attention bookkeeping is ours. Sequences live in cache slots 0..n-1, kept compact,
+so a decode step reads a plain slice of the cache, and on CUDA that step is captured once per
+(batch bucket, length bucket) in a CUDA graph: a batch-1 step is ~60 kernel launches per layer,
+which cost more than the nf4 matmuls themselves.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _buckets(limit: int, first: int) -> list[int]:
+    out, b = [], first
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+class NeoxRunner:
+    """Call order: prefill(slot, ids, start) for each chunk of a new sequence, then decode(tokens, positions)
+    for all n running sequences at once (they occupy slots 0..n-1); move(src, dst, length) keeps slots compact."""
+
+    def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int, use_graphs: bool):
+        cfg = model.config
+        if cfg.model_type != "gpt_neox":
+            raise ValueError(f"the generation engine runs GPT-NeoX models, not {cfg.model_type}")
+        neox = model.gpt_neox
+        self.layers = neox.layers
+        self.embed = neox.embed_in
+        self.final_ln = neox.final_layer_norm
+        self.head = model.get_output_embeddings()
+        self.parallel = cfg.use_parallel_residual
+        self.H = cfg.num_attention_heads
+        self.hd = cfg.hidden_size // self.H
+        self.max_slots, self.max_len = max_slots, max_len
+        dev = self.embed.weight.device
+        self.device = dev
+        # Activations follow the compute dtype that bitsandbytes was configured with (fp16 on GPU).
+        lin = self.layers[0].attention.query_key_value
+        self.dtype = getattr(lin, "compute_dtype", None) or self.embed.weight.dtype
+
+        inv_freq = neox.rotary_emb.inv_freq.float().to(dev)  # [rot/2]
+        self.rot = inv_freq.numel() * 2
+        t = torch.arange(max_len, device=dev, dtype=torch.float32)
+        emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)  # [max_len, rot]
+        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+        shape = (max_slots, self.H, max_len, self.hd)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]  # L x [S, H, Tmax, hd]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
+
+        self.use_graphs = use_graphs and dev.type == "cuda"
+        self.batch_buckets = _buckets(max_slots, 1)
+        self.len_buckets = _buckets(max_len, 256)
+        self._tok = torch.zeros(max_slots, dtype=torch.long, device=dev)  # static graph inputs
+        self._pos = torch.zeros(max_slots, dtype=torch.long, device=dev)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    @staticmethod
+    def kv_bytes_per_slot(model: torch.nn.Module, max_len: int, dtype: torch.dtype) -> int:
+        c = model.config
+        return 2 * c.num_hidden_layers * max_len * c.hidden_size * torch.tensor([], dtype=dtype).element_size()
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding on the first `rot` dims (rotate-half form, as transformers' GPT-NeoX). x [B, H, T, hd]."""
+        r, p = x[..., : self.rot], x[..., self.rot :]
+        half = self.rot // 2
+        rotated = torch.cat((-r[..., half:], r[..., :half]), dim=-1)
+        return torch.cat((r * cos + rotated * sin, p), dim=-1)
+
+    def _block(self, layer, x: torch.Tensor, attend) -> torch.Tensor:
+        """One transformer layer; `attend(q, k, v)` stores k/v in the cache and returns attention output."""
+        B, T, D = x.shape
+        qkv = layer.attention.query_key_value(layer.input_layernorm(x))  # [B, T, 3D]
+        q, k, v = qkv.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
+        a = attend(q, k, v)  # [B, H, T, hd]
+        a = layer.attention.dense(a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
+        if self.parallel:
+            return x + a + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + a
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_ln(h)).float()
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """Run ids at positions start.. of the sequence in `slot`; return logits of the last one [V] (float32)."""
+        T = len(ids)
+        end = start + T
+        x = self.embed(torch.tensor([ids], device=self.device)).to(self.dtype)  # [1, T, D]
+        cos, sin = self.cos[start:end], self.sin[start:end]  # [T, rot]
+        # Chunk i attends to all earlier positions plus the causal part of itself.
+        mask = None
+        if start > 0:
+            mask = torch.arange(end, device=self.device)[None, :] <= torch.arange(start, end, device=self.device)[:, None]
+
+        for li, layer in enumerate(self.layers):
+            def attend(q, k, v, li=li):
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                self.k[li][slot, :, start:end] = k[0]
+                self.v[li][slot, :, start:end] = v[0]
+                K, V = self.k[li][slot : slot + 1, :, :end], self.v[li][slot : slot + 1, :, :end]  # [1, H, end, hd]
+                return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=mask is None)
+
+            x = self._block(layer, x, attend)
+        return self._logits(x[:, -1])[0]
+
+    def _decode_eager(self, B: int, T: int) -> torch.Tensor:
+        """One token for each of the sequences in slots 0..B-1, attending to cache positions < T."""
+        tok, pos = self._tok[:B], self._pos[:B]
+        x = self.embed(tok)[:, None].to(self.dtype)  # [B, 1, D]
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, rot]
+        rows = torch.arange(B, device=self.device)
+        mask = (torch.arange(T, device=self.device)[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, T]
+        for li, layer in enumerate(self.layers):
+            def attend(q, k, v, li=li):
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                self.k[li][rows, :, pos] = k[:, :, 0]
+                self.v[li][rows, :, pos] = v[:, :, 0]
+                return F.scaled_dot_product_attention(q, self.k[li][:B, :, :T], self.v[li][:B, :, :T], attn_mask=mask)
+
+            x = self._block(layer, x, attend)
+        return self._logits(x[:, 0])  # [B, V]
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Next-token logits [n, V] (float32) for the n sequences in slots 0..n-1, fed `tokens` at `positions`."""
+        n = len(tokens)
+        B = next(b for b in self.batch_buckets if b >= n) if self.use_graphs else n
+        T = next(t for t in self.len_buckets if t > max(positions))
+        self._tok[:n] = torch.tensor(tokens)
+        self._pos[:n] = torch.tensor(positions)
+        if B > n:  # padding rows write into free slots at position 0: harmless, prefill overwrites
+            self._tok[n:B] = 0
+            self._pos[n:B] = 0
+        if not self.use_graphs:
+            return self._decode_eager(B, T)
+        key = (B, T)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(B, T)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out[:n]
+
+    def _capture(self, B: int, T: int):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up outside the graph: lazy inits, autotuning, allocator
+                self._decode_eager(B, T)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            out = self._decode_eager(B, T)
+        return g, out
+
+    @torch.inference_mode()
+    def warm_up(self, max_batch: int) -> None:
+        """Capture the decode graphs of the shortest length bucket before the replica reports ready."""
+        if self.use_graphs:
+            for B in self.batch_buckets:
+                if B <= max_batch:
+                    self._graphs[(B, self.len_buckets[0])] = self._capture(B, self.len_buckets[0])
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's cache from slot src to slot dst (compaction after dst's sequence left)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]

@@ -1,0 +1,126 @@
+"""Continuous batching of generation: sequences join between decode steps and leave the moment they finish."""
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+
+from .errors import QueueFull
+from .generation import Chunk, Sequence, accept, choose
+from .neox import NeoxRunner
+
+
+class Scheduler:
+    """Owns the KV-cache slots and the running batch.
+
+    Call order: add(seq) / cancel(seq) from any thread; step() repeatedly on the model thread while
+    has_work(). Each step admits waiting sequences into free slots, runs at most `prefill_chunk`
+    prompt tokens of prefill (so a long newcomer delays running streams by one chunk, not by its
+    whole prompt), then one batched decode step for every running sequence, and returns the chunks
+    produced, in the form [(sequence, chunk)].
+    """
+
+    def __init__(self, runner: NeoxRunner, eos_id: int, max_waiting: int, prefill_chunk: int = 512):
+        self.runner = runner
+        self.eos_id = eos_id
+        self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # running[i] lives in KV slot i
+        self._lock = threading.Lock()
+
+    @property
+    def slots(self) -> int:
+        return self.runner.max_slots
+
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            # Slots free now will take the first waiters at the next step: they are not queued.
+            queued = len(self.waiting) - max(0, self.slots - len(self.running))
+            if queued >= self.max_waiting:
+                raise QueueFull(f"generation queue is full ({queued} waiting for a slot); retry later")
+            self.waiting.append(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """The client went away: the sequence leaves at the next step and its slot is freed."""
+        seq.cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def in_use(self) -> tuple[int, int]:
+        """(running sequences, waiting sequences)."""
+        return len(self.running), len(self.waiting)
+
+    def abort(self) -> list[Sequence]:
+        """Drop every sequence (after a failed step); returns them so their callers can be told."""
+        with self._lock:
+            dropped = self.running + list(self.waiting)
+            self.running, self.waiting = [], collections.deque()
+        return dropped
+
+    def _remove(self, seq: Sequence) -> None:
+        """Free seq's slot, moving the last running sequence into it so slots stay 0..n-1."""
+        i = seq.slot
+        last = self.running.pop()
+        if last is not seq:
+            self.runner.move(last.slot, i, last.length)
+            last.slot = i
+            self.running[i] = last
+        seq.slot = -1
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, Chunk]]:
+        out: list[tuple[Sequence, Chunk]] = []
+        for seq in [s for s in self.running if s.cancelled or s.finish_reason]:
+            self._remove(seq)
+        with self._lock:
+            while self.waiting and len(self.running) < self.slots:
+                seq = self.waiting.popleft()
+                if seq.cancelled:
+                    continue
+                seq.slot = len(self.running)
+                self.running.append(seq)
+
+        # Prefill: one chunk of one newcomer per step; its first token is chosen right away.
+        for seq in self.running:
+            if seq.prefilled < len(seq.prompt_ids):
+                a = seq.prefilled
+                b = min(len(seq.prompt_ids), a + self.prefill_chunk)
+                logits = self.runner.prefill(seq.slot, seq.prompt_ids[a:b], a)  # [V]
+                seq.prefilled = b
+                if b == len(seq.prompt_ids):
+                    out.append((seq, self._next(seq, logits)))
+                break
+
+        # Decode: one batched step over slots 0..n-1. Rows whose sequence is not ready (mid-prefill,
+        # finished, cancelled) are fed a dummy token at a position their next prefill chunk overwrites
+        # or that is never read again; their logits are ignored. Cheaper than reordering KV slots.
+        ready = [s.prefilled == len(s.prompt_ids) and bool(s.generated) and not s.finish_reason and not s.cancelled
+                 for s in self.running]
+        if not any(ready):
+            return out
+        tokens = [s.generated[-1] if r else 0 for s, r in zip(self.running, ready)]
+        positions = [s.length - 1 if r else min(s.prefilled, s.length - 1) for s, r in zip(self.running, ready)]
+        logits = self.runner.decode(tokens, positions)  # [n, V]
+        rows = [i for i, r in enumerate(ready) if r]
+        out.extend(self._next_batch([self.running[i] for i in rows], logits[rows]))
+        return out
+
+    def _next(self, seq: Sequence, logits: torch.Tensor) -> Chunk:
+        return self._next_batch([seq], logits[None])[0][1]
+
+    def _next_batch(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Chunk]]:
+        """Choose one token per sequence from logits [n, V]: greedy rows in one batched argmax."""
+        # Logprobs describe the model's own distribution: taken before any masking.
+        logp = torch.log_softmax(logits, -1) if any(s.params.logprobs for s in seqs) else None  # [n, V]
+        mask_rows = [i for i, s in enumerate(seqs) if s.needs_eos_mask]
+        if mask_rows:
+            logits[mask_rows, self.eos_id] = float("-inf")  # min_new_tokens: no end-of-text yet
+        greedy = logits.argmax(-1).tolist() if any(s.simple_greedy for s in seqs) else None
+        out = []
+        for i, s in enumerate(seqs):
+            tok = choose(s, logits[i], greedy[i] if greedy and s.simple_greedy else None)
+            out.append((s, accept(s, tok, self.eos_id, logp[i] if logp is not None and s.params.logprobs else None)))
+        return out

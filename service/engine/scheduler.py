@@ -17,8 +17,8 @@ class Scheduler:
     Call order: add(seq) / cancel(seq) from any thread; step() repeatedly on the model thread while
     has_work(). Each step admits waiting sequences into free slots, runs at most `prefill_chunk`
     prompt tokens of prefill (so a long newcomer delays running streams by one chunk, not by its
-    whole prompt), then one batched decode step for every running sequence, and returns the chunks
-    produced, in the form [(sequence, chunk)].
+    whole prompt; short newcomers are prefilled several per step), then one batched decode step for
+    every running sequence, and returns the chunks produced, in the form [(sequence, chunk)].
     """
 
     def __init__(self, runner: NeoxRunner, eos_id: int, max_waiting: int, prefill_chunk: int = 512):
@@ -83,16 +83,20 @@ class Scheduler:
                 seq.slot = len(self.running)
                 self.running.append(seq)
 
-        # Prefill: one chunk of one newcomer per step; its first token is chosen right away.
+        # Prefill: up to `prefill_chunk` prompt tokens per step, newcomers in order of arrival; a
+        # sequence whose prompt is complete chooses its first token right away.
+        budget = self.prefill_chunk
         for seq in self.running:
-            if seq.prefilled < len(seq.prompt_ids):
+            if budget <= 0:
+                break
+            if seq.prefilled < len(seq.prompt_ids) and not seq.cancelled:
                 a = seq.prefilled
-                b = min(len(seq.prompt_ids), a + self.prefill_chunk)
+                b = min(len(seq.prompt_ids), a + budget)
                 logits = self.runner.prefill(seq.slot, seq.prompt_ids[a:b], a)  # [V]
                 seq.prefilled = b
+                budget -= b - a
                 if b == len(seq.prompt_ids):
                     out.append((seq, self._next(seq, logits)))
-                break
 
         # Decode: one batched step over slots 0..n-1. Rows whose sequence is not ready (mid-prefill,
         # finished, cancelled) are fed a dummy token at a position their next prefill chunk overwrites

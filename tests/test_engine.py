@@ -157,3 +157,20 @@ def test_logprobs_of_generated_tokens(engine_fp32, hf_fp32):
 def test_prompt_plus_max_new_tokens_over_window_rejected(engine_fp32):
     with pytest.raises(InvalidRequest, match="window"):
         _generate(engine_fp32, "오늘은 " * 1100, GenerationParams(max_new_tokens=1000))
+
+
+def test_output_layer_slices_give_the_same_scores(engine_fp32):
+    """The output layer runs in slices of positions to bound memory; slicing must not change a score."""
+    whole = run(engine_fp32.score(PAIRS, ScoreOptions(details=True, top_n=2)))
+    engine_fp32.scorer.head_rows = 3
+    try:
+        sliced = run(engine_fp32.score(PAIRS, ScoreOptions(details=True, top_n=2)))
+    finally:
+        engine_fp32.scorer.head_rows = 4096
+    for a, b in zip(whole, sliced):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-6) and a.is_greedy == b.is_greedy
+        assert a.details.top_ids == b.details.top_ids
+
+
+def test_score_warm_up_runs(engine_fp32):
+    engine_fp32.scorer.warm_up(2048, 512)

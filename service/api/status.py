@@ -5,6 +5,7 @@ import asyncio
 import logging
 
 import grpc
+import torch
 
 from ..engine.errors import InvalidRequest, NotReady, QueueFull
 
@@ -16,6 +17,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        # A batch too big for what the KV cache left free: the replica lives on, a retry may fit.
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "out of GPU memory for this batch; retry later"
     if isinstance(exc, NotReady):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):

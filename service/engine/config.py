@@ -65,8 +65,9 @@ class GenerationConfig:
     max_slots: int = 0
     """Sequences decoded together (KV-cache slots of a full window each); 0: as many as
     kv_cache_memory_fraction of free GPU memory holds, up to 128 (8 on CPU)."""
-    kv_cache_memory_fraction: float = 0.85
-    """Share of the GPU memory free after loading (less the Score reserve) given to the KV cache."""
+    kv_cache_memory_fraction: float = 0.8
+    """Share of the GPU memory free after loading and a Score warm-up given to the KV cache (the rest
+    is headroom for CUDA graphs, prefill and sampling)."""
     prefill_chunk: int = 512
     """Prompt tokens prefilled per engine step: bounds how long a newcomer stalls running streams."""
     max_waiting: int = 1024

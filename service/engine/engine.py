@@ -45,6 +45,8 @@ class Engine:
         self._max_batch_tokens = max_tokens
         self._closed = False
         g = cfg.generation
+        if self.lm.device.type == "cuda":
+            self.scorer.warm_up(min(max_tokens, self.window * cfg.batch.max_batch_pairs), min(1024, self.window))
         self.runner = NeoxRunner(self.lm.model, self._plan_slots(), self.window, g.cuda_graphs)
         self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
@@ -58,10 +60,10 @@ class Engine:
         if self.lm.device.type != "cuda":
             return 8
         per_slot = NeoxRunner.kv_bytes_per_slot(self.lm.model, self.window, self.lm.compute_dtype)
+        # Measured after the Score warm-up: the allocator keeps that forward's activations cached, so
+        # "free" here is what neither the weights nor the largest Score batch need.
         free, _ = torch.cuda.mem_get_info(self.lm.device)
-        # Leave room for the largest Score forward (~24 bytes of activations per token and hidden unit).
-        reserve = self._max_batch_tokens * self.lm.model.config.hidden_size * 24
-        return max(1, min(128, int((free - reserve) * g.kv_cache_memory_fraction) // per_slot))
+        return max(1, min(128, int(free * g.kv_cache_memory_fraction) // per_slot))
     @property
     def window(self) -> int:
         return self.lm.max_context

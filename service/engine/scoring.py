@@ -85,6 +85,15 @@ class Scorer:
         self.head = model.get_output_embeddings()
         self.device = device
         self.pad_id = pad_id
+        self.head_rows = 4096
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int, width: int = 1024) -> None:
+        """One forward of the largest batch the batcher forms, so that the allocator holds its
+        activations before the KV cache takes the rest of the GPU."""
+        rows = max(1, max_tokens // width)
+        item = ScoreItem(input_ids=[self.pad_id] * width, target_ids=[self.pad_id] * 32, truncated_tokens=0)
+        self.forward([item] * rows)
 
     @torch.inference_mode()
     def forward(self, items: list[ScoreItem]) -> list[PairResult]:
@@ -109,17 +118,24 @@ class Scorer:
         cols = torch.repeat_interleave(lens - n_cont, n_cont) + offs  # [N]
         targets = torch.tensor([t for it in items for t in it.target_ids], device=self.device)  # [N]
         h = hidden[rows.to(self.device), cols.to(self.device)]  # [N, D]
-        logits = self.head(h).float()  # [N, V]
-        logz = torch.logsumexp(logits, -1)  # [N]
-        tok_lp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz  # [N]
-        greedy = logits.argmax(-1) == targets  # [N]
+        # The output layer in slices of positions: [N, V] fp32 logits for a 32k-token batch would be 4 GB.
+        tok_lp, greedy, top_v, top_i = [], [], [], []
+        for a in range(0, h.shape[0], self.head_rows):
+            logits = self.head(h[a : a + self.head_rows]).float()  # [n, V]
+            logz = torch.logsumexp(logits, -1)  # [n]
+            t = targets[a : a + self.head_rows]
+            tok_lp.append(logits.gather(-1, t[:, None]).squeeze(-1) - logz)  # [n]
+            greedy.append(logits.argmax(-1) == t)  # [n]
+            if top_n > 0:
+                v, i = torch.topk(logits, top_n, dim=-1)  # [n, top_n]
+                top_v.append(v - logz[:, None])
+                top_i.append(i)
+        tok_lp, greedy = torch.cat(tok_lp), torch.cat(greedy)  # [N]
         seg = rows.to(self.device)
         sums = torch.zeros(B, dtype=torch.float64, device=self.device).index_add_(0, seg, tok_lp.double())  # [B]
         misses = torch.zeros(B, dtype=torch.long, device=self.device).index_add_(0, seg, (~greedy).long())  # [B]
         if top_n > 0:
-            top_v, top_i = torch.topk(logits, top_n, dim=-1)  # [N, n]
-            top_v = (top_v - logz[:, None]).cpu().tolist()
-            top_i = top_i.cpu().tolist()
+            top_v, top_i = torch.cat(top_v).cpu().tolist(), torch.cat(top_i).cpu().tolist()
         sums, misses = sums.cpu().tolist(), misses.cpu().tolist()
         tok_lp = tok_lp.cpu().tolist() if details else None
 

@@ -168,7 +168,7 @@ def test_output_layer_slices_give_the_same_scores(engine_fp32):
     finally:
         engine_fp32.scorer.head_rows = 4096
     for a, b in zip(whole, sliced):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-6) and a.is_greedy == b.is_greedy
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5) and a.is_greedy == b.is_greedy  # fp32 GEMM blocking
         assert a.details.top_ids == b.details.top_ids
 
 

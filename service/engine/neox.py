@@ -111,6 +111,29 @@ class NeoxRunner:
             x = self._block(layer, x, attend)
         return self._logits(x[:, -1])[0]
 
+    @torch.inference_mode()
+    def prefill_new(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Whole prompts of several new sequences in one forward pass; logits of each one's last token
+        [n, V] (float32). Right padding is exact for a causal model: real tokens never attend to the
+        pad tokens after them, and the K/V written for pads sit at positions decode overwrites first."""
+        n, T = len(prompts), max(map(len, prompts))
+        ids = torch.zeros((n, T), dtype=torch.long)  # [n, T]
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        x = self.embed(ids.to(self.device)).to(self.dtype)  # [n, T, D]
+        cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
+        idx = torch.tensor(slots, device=self.device)
+        for li, layer in enumerate(self.layers):
+            def attend(q, k, v, li=li):
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                self.k[li][idx, :, :T] = k
+                self.v[li][idx, :, :T] = v
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            x = self._block(layer, x, attend)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self._logits(x[torch.arange(n, device=self.device), last])  # [n, V]
+
     def _decode_eager(self, B: int, T: int) -> torch.Tensor:
         """One token for each of the sequences in slots 0..B-1, attending to cache positions < T."""
         tok, pos = self._tok[:B], self._pos[:B]

@@ -83,20 +83,33 @@ class Scheduler:
                 seq.slot = len(self.running)
                 self.running.append(seq)
 
-        # Prefill: up to `prefill_chunk` prompt tokens per step, newcomers in order of arrival; a
-        # sequence whose prompt is complete chooses its first token right away.
+        # Prefill: up to `prefill_chunk` prompt tokens per step, newcomers in order of arrival. Short
+        # prompts that fit the budget whole go through one batched forward pass; a long one is cut
+        # into chunks, one forward each. A sequence whose prompt is complete chooses its first token
+        # right away.
         budget = self.prefill_chunk
+        whole: list[Sequence] = []
         for seq in self.running:
             if budget <= 0:
                 break
-            if seq.prefilled < len(seq.prompt_ids) and not seq.cancelled:
-                a = seq.prefilled
-                b = min(len(seq.prompt_ids), a + budget)
-                logits = self.runner.prefill(seq.slot, seq.prompt_ids[a:b], a)  # [V]
-                seq.prefilled = b
-                budget -= b - a
-                if b == len(seq.prompt_ids):
-                    out.append((seq, self._next(seq, logits)))
+            if seq.prefilled >= len(seq.prompt_ids) or seq.cancelled:
+                continue
+            if seq.prefilled == 0 and len(seq.prompt_ids) <= budget:
+                whole.append(seq)
+                budget -= len(seq.prompt_ids)
+                continue
+            a = seq.prefilled
+            b = min(len(seq.prompt_ids), a + budget)
+            logits = self.runner.prefill(seq.slot, seq.prompt_ids[a:b], a)  # [V]
+            seq.prefilled = b
+            budget -= b - a
+            if b == len(seq.prompt_ids):
+                out.extend(self._next_batch([seq], logits[None]))
+        if whole:
+            logits = self.runner.prefill_new([s.slot for s in whole], [s.prompt_ids for s in whole])  # [n, V]
+            for seq in whole:
+                seq.prefilled = len(seq.prompt_ids)
+            out.extend(self._next_batch(whole, logits))
 
         # Decode: one batched step over slots 0..n-1. Rows whose sequence is not ready (mid-prefill,
         # finished, cancelled) are fed a dummy token at a position their next prefill chunk overwrites
@@ -111,9 +124,6 @@ class Scheduler:
         rows = [i for i, r in enumerate(ready) if r]
         out.extend(self._next_batch([self.running[i] for i in rows], logits[rows]))
         return out
-
-    def _next(self, seq: Sequence, logits: torch.Tensor) -> Chunk:
-        return self._next_batch([seq], logits[None])[0][1]
 
     def _next_batch(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Chunk]]:
         """Choose one token per sequence from logits [n, V]: greedy rows in one batched argmax."""

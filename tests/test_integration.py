@@ -57,6 +57,7 @@ def test_model_info_and_health(client, tiny_dir):
     assert info.quantization == "nf4" and info.compute_dtype == "float32"
     assert info.max_context == 2048 and info.vocab_size == 1024 and info.device == "cpu"
     assert len(info.tokenizer_hash) == 64
+    assert info.kv_cache_slots == 8  # the CPU default
     assert client.healthy()
 
 
@@ -160,7 +161,7 @@ def test_metrics_are_exported(client, server):
     client.score([("서울의 봄은", " 벚꽃")])
     client.generate("서울의 봄은", max_new_tokens=4)
     want = ["ray_polyglot_requests_total", "ray_polyglot_score_batch_pairs", "ray_polyglot_generated_tokens_total",
-            "ray_polyglot_time_to_first_token_seconds", "ray_serve_num_grpc_requests"]
+            "ray_polyglot_time_to_first_token_seconds", "ray_polyglot_kv_cache_slots", "ray_serve_num_grpc_requests"]
     deadline = time.monotonic() + 60
     while True:
         text = urllib.request.urlopen(server["metrics"], timeout=5).read().decode()
@@ -171,3 +172,12 @@ def test_metrics_are_exported(client, server):
         time.sleep(2)
     line = next(l for l in text.splitlines() if l.startswith("ray_polyglot_requests_total") and 'method="Score"' in l)
     assert float(line.rsplit(" ", 1)[1]) >= 1
+
+
+def test_deadline_ends_a_stream_and_the_server_keeps_serving(client):
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in client.generate_stream("오늘은", max_new_tokens=1000, ignore_eos=True, timeout=0.5):
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    r = client.generate("오늘은 날씨가", max_new_tokens=30)
+    assert r.text == " 맑고 바람이 시원하다."

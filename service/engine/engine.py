@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 import time
 from typing import AsyncIterator
 
@@ -19,6 +20,8 @@ from .scheduler import Scheduler
 from .scoring import PairResult, Scorer, layout
 from .stats import GenerationStats, StatsSink, discard
 from .text import encode, encode_pair
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -50,6 +53,8 @@ class Engine:
         self.runner = NeoxRunner(self.lm.model, self._plan_slots(), self.window, g.cuda_graphs)
         self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
+        log.info("KV cache: %d slots of %d tokens (%.1f GiB)", self.runner.max_slots, self.window,
+                 self.runner.max_slots * NeoxRunner.kv_bytes_per_slot(self.lm.model, self.window, self.lm.compute_dtype) / 2**30)
         self._gen_task: asyncio.Task | None = None
 
     def _plan_slots(self) -> int:

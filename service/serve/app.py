@@ -93,9 +93,14 @@ class LanguageModelServer:
         text, ids, params = validation.generate_request(request, self.limits)
         prompt = self.engine.prompt_ids(text, ids)
         acc = convert.GenerateAccumulator(len(prompt), params.logprobs, self._token_text)
-        async for chunk, seed in self.engine.generate(prompt, params):
-            acc.add(chunk, seed)
-            yield acc
+        try:
+            async for chunk, seed in self.engine.generate(prompt, params):
+                if acc.generated == 0:
+                    self.metrics.generation_load(*self.engine.generation_load())
+                acc.add(chunk, seed)
+                yield acc
+        finally:
+            self.metrics.generation_load(*self.engine.generation_load())
 
     def _token_text(self, token_id: int) -> str:
         return self.engine.token_texts([token_id])[0]
@@ -135,6 +140,7 @@ class LanguageModelServer:
             eos_token_id=lm.eos_token_id,
             max_new_tokens=self.limits.max_new_tokens,
             max_score_pairs=self.limits.max_score_pairs,
+            kv_cache_slots=self.engine.generation_load()[2],
         )
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:

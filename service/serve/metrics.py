@@ -6,7 +6,7 @@ replicas and nodes needs no extra scrape targets.
 """
 from __future__ import annotations
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from ..engine.stats import GenerationStats, ScoreBatchStats, Stats
 
@@ -51,6 +51,15 @@ class Metrics:
             "polyglot_inter_token_latency_seconds", description="Generate: time between consecutive tokens.",
             boundaries=_LATENCY,
         )
+
+        self.gen_running = Gauge("polyglot_generation_running", description="Sequences in the decode batch.")
+        self.gen_waiting = Gauge("polyglot_generation_waiting", description="Generate requests waiting for a KV slot.")
+        self.kv_slots = Gauge("polyglot_kv_cache_slots", description="KV-cache slots (most sequences decoded together).")
+
+    def generation_load(self, running: int, waiting: int, slots: int) -> None:
+        self.gen_running.set(running)
+        self.gen_waiting.set(waiting)
+        self.kv_slots.set(slots)
 
     def record(self, s: Stats) -> None:
         if isinstance(s, ScoreBatchStats):

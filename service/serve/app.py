@@ -50,30 +50,32 @@ class LanguageModelServer:
     def _ok(self, method: str, t0: float) -> None:
         self.metrics.request(method, "OK", time.monotonic() - t0)
 
-    async def Score(self, request: lm_pb2.ScoreRequest, grpc_context) -> lm_pb2.ScoreResponse:
+    async def _unary(self, method: str, ctx, empty, work):
+        """Answer a unary RPC with `await work()`; any failure becomes a status code and `empty`."""
         t0 = time.monotonic()
         try:
-            pairs, opts = validation.score_request(request, self.limits)
-            results = await self.engine.score(pairs, opts)
-            response = convert.score_response(pairs, results, self._token_text)
+            response = await work()
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
-            self._fail(grpc_context, "Score", e, t0)
-            return lm_pb2.ScoreResponse()
-        self._ok("Score", t0)
+            self._fail(ctx, method, e, t0)
+            return empty
+        self._ok(method, t0)
         return response
 
+    async def Score(self, request: lm_pb2.ScoreRequest, grpc_context) -> lm_pb2.ScoreResponse:
+        async def work():
+            pairs, opts = validation.score_request(request, self.limits)
+            return convert.score_response(pairs, await self.engine.score(pairs, opts), self._token_text)
+
+        return await self._unary("Score", grpc_context, lm_pb2.ScoreResponse(), work)
+
     async def Generate(self, request: lm_pb2.GenerateRequest, grpc_context) -> lm_pb2.GenerateResponse:
-        t0 = time.monotonic()
-        try:
+        async def work():
             acc = None
             async for acc in self._generate(request):
                 pass
-            response = acc.response()
-        except Exception as e:  # noqa: BLE001
-            self._fail(grpc_context, "Generate", e, t0)
-            return lm_pb2.GenerateResponse()
-        self._ok("Generate", t0)
-        return response
+            return acc.response()
+
+        return await self._unary("Generate", grpc_context, lm_pb2.GenerateResponse(), work)
 
     async def GenerateStream(self, request: lm_pb2.GenerateRequest, grpc_context):
         t0 = time.monotonic()
@@ -106,24 +108,17 @@ class LanguageModelServer:
         return self.engine.token_texts([token_id])[0]
 
     async def Tokenize(self, request: lm_pb2.TokenizeRequest, grpc_context) -> lm_pb2.TokenizeResponse:
-        t0 = time.monotonic()
-        try:
+        async def work():
             ids, texts = self.engine.tokenize(validation.text_request("text", request.text, self.limits))
-        except Exception as e:  # noqa: BLE001
-            self._fail(grpc_context, "Tokenize", e, t0)
-            return lm_pb2.TokenizeResponse()
-        self._ok("Tokenize", t0)
-        return lm_pb2.TokenizeResponse(ids=ids, texts=texts)
+            return lm_pb2.TokenizeResponse(ids=ids, texts=texts)
+
+        return await self._unary("Tokenize", grpc_context, lm_pb2.TokenizeResponse(), work)
 
     async def Detokenize(self, request: lm_pb2.DetokenizeRequest, grpc_context) -> lm_pb2.DetokenizeResponse:
-        t0 = time.monotonic()
-        try:
-            text = self.engine.detokenize(list(request.ids))
-        except Exception as e:  # noqa: BLE001
-            self._fail(grpc_context, "Detokenize", e, t0)
-            return lm_pb2.DetokenizeResponse()
-        self._ok("Detokenize", t0)
-        return lm_pb2.DetokenizeResponse(text=text)
+        async def work():
+            return lm_pb2.DetokenizeResponse(text=self.engine.detokenize(list(request.ids)))
+
+        return await self._unary("Detokenize", grpc_context, lm_pb2.DetokenizeResponse(), work)
 
     async def ModelInfo(self, request: lm_pb2.ModelInfoRequest, grpc_context) -> lm_pb2.ModelInfoResponse:
         lm = self.engine.lm

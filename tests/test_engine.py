@@ -203,3 +203,38 @@ def test_prequantized_checkpoint_round_trips_on_cpu(tiny_dir, tmp_path):
     lm, ids, want = _save_and_reload_nf4(tiny_dir, tmp_path)
     with torch.no_grad():
         assert torch.allclose(lm.model(ids).logits, want, atol=1e-4)
+
+
+def test_multiple_choice_shares_the_context_and_equals_pairwise(engine_fp32, hf_fp32):
+    """One context, several continuations: computed once through the shared-prefix path, same scores as
+    transformers on each full pair; several such calls at once share a forward pass."""
+    import asyncio
+
+    tok = engine_fp32.lm.tokenizer
+    questions = [
+        ("우리 가족은 주말마다 공원에서", [" 산책을 한다.", " 책을 읽는다", " 뷁", " 밥"]),
+        ("오늘은 날씨가 ", ["맑고 바람이 시원하다.", "흐리다", "비가 온다. 우산을 챙기자."]),
+        ("서울의 봄은", [" 벚꽃과 함께 찾아온다.", " 춥다"]),
+    ]
+
+    async def all_questions():
+        return await asyncio.gather(*(engine_fp32.score([(c, x) for x in xs], ScoreOptions()) for c, xs in questions))
+
+    results = run(all_questions())
+    for (ctx, conts), res in zip(questions, results):
+        assert len(res) == len(conts)
+        for cont, r in zip(conts, res):
+            ref, greedy, lp = reference(hf_fp32, tok, ctx, cont)
+            assert r.logprob == pytest.approx(ref, abs=1e-4)
+            assert r.is_greedy == greedy and r.num_tokens == len(lp)
+    assert max(r.batch_pairs for res in results for r in res) == sum(len(xs) for _, xs in questions)
+    assert engine_fp32._choice_batcher is not None  # the shared-context path ran
+
+
+def test_multiple_choice_nf4_matches_pairwise_nf4(engine_nf4):
+    ctx, conts = "우리 가족은 주말마다 공원에서", [" 산책을 한다.", " 책을 읽는다"]
+    shared = run(engine_nf4.score([(ctx, x) for x in conts], ScoreOptions()))
+    single = [run(engine_nf4.score([(ctx, x)], ScoreOptions()))[0] for x in conts]
+    assert engine_nf4._choice_batcher is not None
+    for a, b in zip(shared, single):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3) and a.is_greedy == b.is_greedy

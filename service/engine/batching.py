@@ -1,4 +1,4 @@
-"""Dynamic batching of Score work: pairs from concurrent calls are grouped by length into token-budgeted forward passes."""
+"""Dynamic batching of Score work: pairs (or multiple-choice groups) from concurrent calls, grouped by length into token-budgeted forward passes."""
 from __future__ import annotations
 
 import asyncio
@@ -116,7 +116,7 @@ class ScoreBatcher:
                 p.future.set_result(r)
         width = max(p.item.length for p in batch)
         stats = ScoreBatchStats(
-            pairs=len(batch),
+            pairs=sum(len(getattr(p.item, "suffixes", [None])) for p in batch),
             tokens=sum(p.item.length for p in batch),
             padded_tokens=width * len(batch),
             queue_seconds=start - min(p.enqueued for p in batch),

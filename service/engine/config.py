@@ -54,6 +54,8 @@ class BatchConfig:
     """Most pairs per forward pass."""
     max_wait_ms: float = 2.0
     """How long a lone request waits for company before its batch starts anyway."""
+    max_choice_prefix_tokens: int = 8192
+    """Multiple choice: context tokens per forward pass (their keys and values are held for the choices)."""
     max_queue_pairs: int = 65536
     """Pairs waiting beyond this make new Score calls fail with "queue full" (RESOURCE_EXHAUSTED)."""
 

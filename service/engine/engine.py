@@ -17,7 +17,7 @@ from .errors import InvalidRequest, NotReady
 from .generation import Chunk, GenerationParams, Sequence
 from .neox import NeoxRunner
 from .scheduler import Scheduler
-from .scoring import PairResult, Scorer, layout
+from .scoring import PairResult, Scorer, group_choices, layout
 from .stats import GenerationStats, StatsSink, discard
 from .text import encode, encode_pair
 
@@ -45,6 +45,7 @@ class Engine:
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         max_tokens = cfg.batch.max_batch_tokens or (32768 if self.lm.device.type == "cuda" else 4096)
         self._batcher: ScoreBatcher | None = None
+        self._choice_batcher: ScoreBatcher | None = None
         self._max_batch_tokens = max_tokens
         self._closed = False
         g = cfg.generation
@@ -81,12 +82,22 @@ class Engine:
     async def score(self, pairs: list[tuple[str, str]], opts: ScoreOptions) -> list[PairResult]:
         """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` rules)."""
         tok, eot = self.lm.tokenizer, self.lm.eos_token_id
-        items = []
-        for i, (ctx, cont) in enumerate(pairs):
-            try:
-                items.append(
-                    layout(encode_pair(tok, ctx, cont, eot), self.window, opts.truncate, opts.details, opts.top_n)
+        encoded = [encode_pair(tok, ctx, cont, eot) for ctx, cont in pairs]
+        group = None if opts.details else group_choices(encoded, self.window)
+        if group is not None:
+            # One context, several continuations: its forward pass is shared, not repeated per choice.
+            if self._choice_batcher is None:
+                self._choice_batcher = ScoreBatcher(
+                    lambda groups: self._on_model_thread(self.scorer.forward_groups, groups, self.runner),
+                    self.cfg.batch,
+                    self.cfg.batch.max_choice_prefix_tokens,
+                    self.on_stats,
                 )
+            return (await self._choice_batcher.submit([group]))[0]
+        items = []
+        for i, p in enumerate(encoded):
+            try:
+                items.append(layout(p, self.window, opts.truncate, opts.details, opts.top_n))
             except InvalidRequest as e:
                 raise InvalidRequest(f"pair {i}: {e}") from None
         if self._batcher is None:

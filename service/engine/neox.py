@@ -134,6 +134,54 @@ class NeoxRunner:
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._logits(x[torch.arange(n, device=self.device), last])  # [n, V]
 
+    @torch.inference_mode()
+    def shared_prefix_hidden(self, prefixes: list[list[int]], group: list[int], suffixes: list[list[int]]) -> torch.Tensor:
+        """Final hidden states [R, S, D] of suffix rows, row r continuing prefix group[r]: each prefix runs
+        through the model once, however many suffixes share it (multiple-choice scoring). Nothing touches
+        the generation KV cache."""
+        G, P = len(prefixes), max(map(len, prefixes))
+        R, S = len(suffixes), max(map(len, suffixes))
+        dev = self.device
+        ids = torch.zeros((G, P), dtype=torch.long)  # [G, P] right-padded
+        for i, p in enumerate(prefixes):
+            ids[i, : len(p)] = torch.tensor(p)
+        pk, pv = [], []  # per layer [G, H, P, hd]
+        x = self.embed(ids.to(dev)).to(self.dtype)  # [G, P, D]
+        for layer in self.layers:
+            def attend(q, k, v):
+                q, k = self._rope(q, self.cos[:P], self.sin[:P]), self._rope(k, self.cos[:P], self.sin[:P])
+                pk.append(k)
+                pv.append(v)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            x = self._block(layer, x, attend)
+        del x
+
+        g = torch.tensor(group, device=dev)  # [R]
+        plen = torch.tensor([len(p) for p in prefixes], device=dev)[g]  # [R]
+        ids = torch.zeros((R, S), dtype=torch.long)  # [R, S]
+        for i, t in enumerate(suffixes):
+            ids[i, : len(t)] = torch.tensor(t)
+        pos = plen[:, None] + torch.arange(S, device=dev)[None, :]  # [R, S]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [R, 1, S, rot]
+        j = torch.arange(P + S, device=dev)  # key index: prefix slots 0..P-1, then the row's own S tokens
+        own = torch.arange(S, device=dev)
+        mask = torch.where(
+            j[None, None, :] < P,
+            j[None, None, :] < plen[:, None, None],  # the row's own prefix, not another's padding
+            (j[None, None, :] - P) <= own[None, :, None],  # causal within the suffix
+        )[:, None]  # [R, 1, S, P + S]
+        x = self.embed(ids.to(dev)).to(self.dtype)  # [R, S, D]
+        for li, layer in enumerate(self.layers):
+            def attend(q, k, v, li=li):
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                K = torch.cat([pk[li][g], k], dim=2)  # [R, H, P + S, hd]
+                V = torch.cat([pv[li][g], v], dim=2)
+                return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+
+            x = self._block(layer, x, attend)
+        return self.final_ln(x)  # [R, S, D]
+
     def _decode_eager(self, B: int, T: int) -> torch.Tensor:
         """One token for each of the sequences in slots 0..B-1, attending to cache positions < T."""
         tok, pos = self._tok[:B], self._pos[:B]

@@ -76,6 +76,34 @@ def layout(pair: EncodedPair, window: int, truncate: bool, details: bool = False
     )
 
 
+@dataclasses.dataclass
+class ChoiceGroup:
+    """Continuations of one context, scored with a single pass over the context (multiple choice)."""
+
+    prefix: list[int]
+    """context[:-1]: run once, its keys and values shared by every choice."""
+    suffixes: list[list[int]]
+    """Per choice: [context[-1]] + continuation[:-1], the inputs that predict the continuation."""
+    targets: list[list[int]]
+    """Per choice: the continuation tokens."""
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(map(len, self.suffixes))
+
+
+def group_choices(pairs: list[EncodedPair], window: int) -> ChoiceGroup | None:
+    """A ChoiceGroup when the pairs share their context tokens and fit the window without truncation,
+    else None (then the pairs are scored one row each). lm-eval encodes the context alone, so pairs
+    with the same context text always share its tokens."""
+    ctx = pairs[0].context_ids
+    if len(pairs) < 2 or len(ctx) < 2 or any(p.context_ids != ctx for p in pairs):
+        return None
+    if any(not p.continuation_ids or len(ctx) + len(p.continuation_ids) - 1 > window for p in pairs):
+        return None
+    return ChoiceGroup(ctx[:-1], [[ctx[-1]] + p.continuation_ids[:-1] for p in pairs], [p.continuation_ids for p in pairs])
+
+
 class Scorer:
     """Scores batches of ScoreItems with a causal LM. Call from one thread at a time."""
 
@@ -86,6 +114,50 @@ class Scorer:
         self.device = device
         self.pad_id = pad_id
         self.head_rows = 4096
+
+    def _reduce(self, h, targets, seg, B: int, top_n: int, details: bool):
+        """Per-token log-probabilities of targets [N] from final hidden states h [N, D], summed into B
+        segments by seg [N]. The output layer runs in slices of positions: [N, V] fp32 logits for a
+        32k-token batch would be 4 GB. Returns Python lists: sums, greedy misses, token logprobs, top-n."""
+        tok_lp, greedy, top_v, top_i = [], [], [], []
+        for a in range(0, h.shape[0], self.head_rows):
+            logits = self.head(h[a : a + self.head_rows]).float()  # [n, V]
+            logz = torch.logsumexp(logits, -1)  # [n]
+            t = targets[a : a + self.head_rows]
+            tok_lp.append(logits.gather(-1, t[:, None]).squeeze(-1) - logz)  # [n]
+            greedy.append(logits.argmax(-1) == t)  # [n]
+            if top_n > 0:
+                v, i = torch.topk(logits, top_n, dim=-1)  # [n, top_n]
+                top_v.append(v - logz[:, None])
+                top_i.append(i)
+        tok_lp, greedy = torch.cat(tok_lp), torch.cat(greedy)  # [N]
+        sums = torch.zeros(B, dtype=torch.float64, device=self.device).index_add_(0, seg, tok_lp.double())  # [B]
+        misses = torch.zeros(B, dtype=torch.long, device=self.device).index_add_(0, seg, (~greedy).long())  # [B]
+        if top_n > 0:
+            top_v, top_i = torch.cat(top_v).cpu().tolist(), torch.cat(top_i).cpu().tolist()
+        return (sums.cpu().tolist(), misses.cpu().tolist(), tok_lp.cpu().tolist() if details else None,
+                top_v, top_i)
+
+    @torch.inference_mode()
+    def forward_groups(self, groups: list[ChoiceGroup], runner) -> list[list[PairResult]]:
+        """Score multiple-choice groups: each context once, all their continuations in one batch."""
+        group_of = [gi for gi, g in enumerate(groups) for _ in g.suffixes]
+        suffixes = [s for g in groups for s in g.suffixes]
+        targets_l = [t for g in groups for t in g.targets]
+        h = runner.shared_prefix_hidden([g.prefix for g in groups], group_of, suffixes)  # [R, S, D]
+        R = len(suffixes)
+        n = torch.tensor([len(t) for t in targets_l])  # [R]
+        rows = torch.repeat_interleave(torch.arange(R), n)  # [N]
+        cols = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)  # [N]
+        targets = torch.tensor([t for ts in targets_l for t in ts], device=self.device)  # [N]
+        seg = rows.to(self.device)
+        sums, misses, _, _, _ = self._reduce(h[seg, cols.to(self.device)], targets, seg, R, 0, False)
+        results = [PairResult(sums[r], misses[r] == 0, len(targets_l[r]), 0, R) for r in range(R)]
+        out, k = [], 0
+        for g in groups:
+            out.append(results[k : k + len(g.suffixes)])
+            k += len(g.suffixes)
+        return out
 
     @torch.inference_mode()
     def warm_up(self, max_tokens: int, width: int = 1024) -> None:
@@ -118,29 +190,10 @@ class Scorer:
         cols = torch.repeat_interleave(lens - n_cont, n_cont) + offs  # [N]
         targets = torch.tensor([t for it in items for t in it.target_ids], device=self.device)  # [N]
         h = hidden[rows.to(self.device), cols.to(self.device)]  # [N, D]
-        # The output layer in slices of positions: [N, V] fp32 logits for a 32k-token batch would be 4 GB.
-        tok_lp, greedy, top_v, top_i = [], [], [], []
-        for a in range(0, h.shape[0], self.head_rows):
-            logits = self.head(h[a : a + self.head_rows]).float()  # [n, V]
-            logz = torch.logsumexp(logits, -1)  # [n]
-            t = targets[a : a + self.head_rows]
-            tok_lp.append(logits.gather(-1, t[:, None]).squeeze(-1) - logz)  # [n]
-            greedy.append(logits.argmax(-1) == t)  # [n]
-            if top_n > 0:
-                v, i = torch.topk(logits, top_n, dim=-1)  # [n, top_n]
-                top_v.append(v - logz[:, None])
-                top_i.append(i)
-        tok_lp, greedy = torch.cat(tok_lp), torch.cat(greedy)  # [N]
-        seg = rows.to(self.device)
-        sums = torch.zeros(B, dtype=torch.float64, device=self.device).index_add_(0, seg, tok_lp.double())  # [B]
-        misses = torch.zeros(B, dtype=torch.long, device=self.device).index_add_(0, seg, (~greedy).long())  # [B]
-        if top_n > 0:
-            top_v, top_i = torch.cat(top_v).cpu().tolist(), torch.cat(top_i).cpu().tolist()
-        sums, misses = sums.cpu().tolist(), misses.cpu().tolist()
-        tok_lp = tok_lp.cpu().tolist() if details else None
+        sums, misses, tok_lp, top_v, top_i = self._reduce(h, targets, rows.to(self.device), B, top_n, details)
 
         results = []
-        for i, it in enumerate(items):
+        for i, it in enumerate(items):  # per pair, not per token
             a, b = int(seg_start[i]), int(seg_start[i] + n_cont[i])
             det = None
             if it.details:

@@ -452,7 +452,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gen-timeout", type=float, help="deadline of each Generate stream, seconds")
     ap.add_argument("--pairs", type=int, help="independent Score pairs")
     ap.add_argument("--mc-questions", type=int, help="multiple-choice questions")
+    ap.add_argument("--profile-decode", action="store_true", help="GPU: time and profile the decode step only")
     args = ap.parse_args(argv)
+    if args.profile_decode:
+        model = args.model or BenchConfig.model
+        if not args.model and not (Path(model) / "BUILD.json").exists():
+            build_checkpoint(Path(model))
+        return profile_decode(model, Path(args.out))
 
     if args.quick:
         from .engine.tiny import ensure
@@ -512,6 +518,47 @@ def main(argv: list[str] | None = None) -> dict:
         (out / f"{stem}.md").write_text(md + "\n")
         print(md)
     return result
+
+
+
+def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 32, steps: int = 50) -> dict:
+    """Where a decode step's time goes, without the serving layer: step time with and without the CUDA graph
+    at several batch sizes, and the top kernels of one eager batch-1 step (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .engine import loader
+    from .engine.config import ModelConfig
+    from .engine.neox import NeoxRunner
+
+    lm = loader.load(ModelConfig(model=model))
+    runner = NeoxRunner(lm.model, max(batches), min(lm.max_context, 1024), use_graphs=True)
+    res: dict = {"device": torch.cuda.get_device_name(0), "steps": {}}
+    for b in batches:
+        runner.prefill_new(list(range(b)), [[5 + i % 100] * prompt_len for i in range(b)])
+        row = {}
+        for graphs in (False, True):
+            runner.use_graphs = graphs
+            tokens, pos = [7] * b, [prompt_len] * b
+            runner.decode(tokens, pos)  # warm-up / capture
+            _sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                runner.decode(tokens, pos)
+            _sync()
+            row["graph_ms" if graphs else "eager_ms"] = (time.perf_counter() - t) / steps * 1000
+        res["steps"][str(b)] = row
+    runner.use_graphs = False
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runner.decode([7], [prompt_len])
+        _sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode-profile.txt").write_text(table)
+    (out / "decode-profile.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    print(table)
+    return res
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ class Client:
         )
         return self.stub.Score(req, timeout=timeout, metadata=self.metadata)
 
+    def score_rolling(self, text: str, timeout: float | None = None) -> lm_pb2.ScoreRollingResponse:
+        """Log-likelihood of a whole text of any length (perplexity)."""
+        return self.stub.ScoreRolling(lm_pb2.ScoreRollingRequest(text=text), timeout=timeout, metadata=self.metadata)
+
     def tokenize(self, text: str, timeout: float | None = None) -> lm_pb2.TokenizeResponse:
         return self.stub.Tokenize(lm_pb2.TokenizeRequest(text=text), timeout=timeout, metadata=self.metadata)
 

@@ -181,3 +181,15 @@ def test_deadline_ends_a_stream_and_the_server_keeps_serving(client):
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     r = client.generate("오늘은 날씨가", max_new_tokens=30)
     assert r.text == " 맑고 바람이 시원하다."
+
+
+def test_score_rolling_over_grpc(client, engine_nf4):
+    text = "우리 가족은 주말마다 공원에서 산책을 한다. " * 250
+    r = client.score_rolling(text)
+    logprob, n_tokens, n_windows = run(engine_nf4.score_rolling(text))
+    assert r.logprob == pytest.approx(logprob, abs=1e-3)
+    assert (r.num_tokens, r.num_windows) == (n_tokens, n_windows) and n_windows == 2
+    assert r.num_chars == len(text) and r.num_bytes == len(text.encode())
+    with pytest.raises(grpc.RpcError) as err:
+        client.score_rolling("")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in err.value.details()

@@ -42,3 +42,18 @@ def test_loglikelihood_equals_hflm(engine_fp32, hflm):
         greedy.add(is_greedy)
     assert greedy == {True, False}
     assert ours[-1].truncated_tokens > 0 and all(r.truncated_tokens == 0 for r in ours[:-1])
+
+
+@pytest.mark.parametrize("text", [
+    "서울의 봄은 벚꽃과 함께 찾아온다.",  # one window
+    "우리 가족은 주말마다 공원에서 산책을 한다. " * 250,  # ~2,700 tokens: two disjoint windows
+    "오늘은 날씨가 맑고 바람이 시원하다. " * 520,  # ~5,700 tokens: three windows, the last one partial
+])
+def test_rolling_equals_hflm(engine_fp32, hflm, text):
+    from lm_eval.api.instance import Instance
+
+    (ref,) = hflm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)],
+                                        disable_tqdm=True)
+    logprob, n_tokens, n_windows = run(engine_fp32.score_rolling(text))
+    assert logprob == pytest.approx(ref, abs=1e-3)  # a sum over up to ~6,000 tokens of fp32 log-probs
+    assert n_windows == -(-n_tokens // 2048)

@@ -77,3 +77,15 @@ def test_stop_matcher_releases_when_prefix_breaks():
 def test_stop_matcher_earliest_of_several():
     m = StopMatcher(("bc", "ab"))
     assert m.feed("zabc") == ("z", True)
+
+
+def test_rolling_windows_predict_every_token_once():
+    from service.engine.text import rolling_windows
+
+    tokens = list(range(100, 125))
+    ws = rolling_windows(tokens, 0, 10)
+    assert [t for w in ws for t in w.continuation_ids] == tokens
+    assert ws[0].context_ids == [0]
+    for w in ws:
+        assert len(w.context_ids) + len(w.continuation_ids) <= 11  # fits the window (+1 unseen last token)
+        assert w.context_ids == tokens[tokens.index(w.continuation_ids[0]) - len(w.context_ids) : tokens.index(w.continuation_ids[0])] or w.context_ids == [0]

@@ -99,3 +99,10 @@ def score_request(req, limits: LimitsConfig) -> tuple[list[tuple[str, str]], Sco
 def text_request(name: str, text: str, limits: LimitsConfig) -> str:
     _check_text(name, text, limits)
     return text
+
+
+def rolling_request(req, limits: LimitsConfig) -> str:
+    if not req.text:
+        raise InvalidRequest("the text is empty")
+    _check_text("the text", req.text, limits)
+    return req.text

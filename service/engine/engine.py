@@ -19,7 +19,7 @@ from .neox import NeoxRunner
 from .scheduler import Scheduler
 from .scoring import PairResult, Scorer, group_choices, layout
 from .stats import GenerationStats, StatsSink, discard
-from .text import encode, encode_pair
+from .text import encode, encode_pair, rolling_windows
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,20 @@ class Engine:
                 items.append(layout(p, self.window, opts.truncate, opts.details, opts.top_n))
             except InvalidRequest as e:
                 raise InvalidRequest(f"pair {i}: {e}") from None
+        return await self._submit_pairs(items)
+
+    async def score_rolling(self, text: str) -> tuple[float, int, int]:
+        """(log-likelihood, tokens, windows) of a whole text, lm-eval `loglikelihood_rolling` rules; the
+        windows go through the same batcher as Score pairs."""
+        tokens = encode(self.lm.tokenizer, text)
+        if not tokens:
+            raise InvalidRequest("text encodes to zero tokens")
+        windows = rolling_windows(tokens, self.lm.eos_token_id, self.window)
+        items = [layout(w, self.window, truncate=False) for w in windows]
+        results = await self._submit_pairs(items)
+        return sum(r.logprob for r in results), len(tokens), len(windows)
+
+    async def _submit_pairs(self, items) -> list[PairResult]:
         if self._batcher is None:
             self._batcher = ScoreBatcher(
                 lambda batch: self._on_model_thread(self.scorer.forward, batch),

@@ -80,3 +80,22 @@ class IncrementalDecoder:
         text = self._pending_text()
         self._read = len(self.ids)
         return text
+
+
+def rolling_windows(tokens: list[int], prefix_token: int, window: int) -> list[EncodedPair]:
+    """lm-eval's `loglikelihood_rolling` split (get_rolling_token_windows with context_len 1, then
+    make_disjoint_window): every token is predicted exactly once; the first window conditions on the
+    prefix token, each later one on up to `window` - (its own length) tokens before it."""
+    out: list[EncodedPair] = []
+    if not tokens:
+        return out
+    first = min(window, len(tokens))
+    out.append(EncodedPair([prefix_token], tokens[:first], ""))
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, window)
+        end = done + n
+        ctx = tokens[max(0, end - window - 1) : end - 1]
+        out.append(EncodedPair(ctx[: len(ctx) - (n - 1)], tokens[end - n : end], ""))
+        done = end
+    return out

@@ -68,6 +68,15 @@ class LanguageModelServer:
 
         return await self._unary("Score", grpc_context, lm_pb2.ScoreResponse(), work)
 
+    async def ScoreRolling(self, request: lm_pb2.ScoreRollingRequest, grpc_context) -> lm_pb2.ScoreRollingResponse:
+        async def work():
+            text = validation.rolling_request(request, self.limits)
+            logprob, n_tokens, n_windows = await self.engine.score_rolling(text)
+            return lm_pb2.ScoreRollingResponse(logprob=logprob, num_tokens=n_tokens, num_chars=len(text),
+                                               num_bytes=len(text.encode("utf-8")), num_windows=n_windows)
+
+        return await self._unary("ScoreRolling", grpc_context, lm_pb2.ScoreRollingResponse(), work)
+
     async def Generate(self, request: lm_pb2.GenerateRequest, grpc_context) -> lm_pb2.GenerateResponse:
         async def work():
             acc = None

@@ -8,11 +8,14 @@ import grpc
 import torch
 
 from ..engine.errors import InvalidRequest, NotReady, QueueFull
+from .auth import Unauthenticated
 
 log = logging.getLogger(__name__)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
     if isinstance(exc, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFull):

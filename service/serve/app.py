@@ -12,6 +12,7 @@ from ray import serve
 
 from ..api import convert, validation
 from ..api.pb import lm_pb2
+from ..api.auth import TokenCheck
 from ..api.status import status_for
 from ..engine.config import EngineConfig, LimitsConfig
 from ..engine.engine import Engine
@@ -28,7 +29,9 @@ class StatusSet(Exception):
 class LanguageModelServer:
     """Ingress of the polyglot.v1.LanguageModel service (and grpc.health.v1.Health)."""
 
-    def __init__(self, engine_config: dict[str, Any]):
+    def __init__(self, engine_config: dict[str, Any], auth: dict[str, Any] | None = None):
+        auth = auth or {}
+        self.auth = TokenCheck(auth.get("token_env"), auth.get("token_file"))
         self.metrics = Metrics()
         self.engine = Engine(EngineConfig.from_dict(engine_config), on_stats=self.metrics.record)
 
@@ -54,6 +57,7 @@ class LanguageModelServer:
         """Answer a unary RPC with `await work()`; any failure becomes a status code and `empty`."""
         t0 = time.monotonic()
         try:
+            self.auth.check(ctx.invocation_metadata())
             response = await work()
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
             self._fail(ctx, method, e, t0)
@@ -89,6 +93,7 @@ class LanguageModelServer:
     async def GenerateStream(self, request: lm_pb2.GenerateRequest, grpc_context):
         t0 = time.monotonic()
         try:
+            self.auth.check(grpc_context.invocation_metadata())
             async for acc in self._generate(request):
                 if acc.text or acc.finish is not None or acc.ids and acc.want_details:
                     yield acc.take()
@@ -130,8 +135,13 @@ class LanguageModelServer:
         return await self._unary("Detokenize", grpc_context, lm_pb2.DetokenizeResponse(), work)
 
     async def ModelInfo(self, request: lm_pb2.ModelInfoRequest, grpc_context) -> lm_pb2.ModelInfoResponse:
+        async def work():
+            return self._model_info()
+
+        return await self._unary("ModelInfo", grpc_context, lm_pb2.ModelInfoResponse(), work)
+
+    def _model_info(self) -> lm_pb2.ModelInfoResponse:
         lm = self.engine.lm
-        self._ok("ModelInfo", time.monotonic())
         return lm_pb2.ModelInfoResponse(
             model_id=lm.model_id,
             revision=lm.revision,
@@ -148,7 +158,8 @@ class LanguageModelServer:
         )
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1: SERVING once the model answers a forward pass on its own thread."""
+        """grpc.health.v1: SERVING once the model's device answers. Open without a token: Kubernetes
+        gRPC probes cannot send metadata."""
         try:
             await asyncio.wait_for(self.engine.probe(), timeout=30)
         except Exception as e:  # noqa: BLE001
@@ -163,6 +174,9 @@ class LanguageModelServer:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder named in the Serve config (`import_path: service.serve.app:build_app`);
-    `args` is the engine configuration: {"model": {...}, "limits": {...}, "batch": {...}}."""
+    `args` is the engine configuration ({"model": {...}, "limits": {...}, "batch": {...}, "generation": {...}})
+    plus optional "auth": {"token_env": VAR, "token_file": PATH} to require a bearer token on every RPC."""
+    args = dict(args)
+    auth = args.pop("auth", None)
     EngineConfig.from_dict(args)  # fail at deploy time on a bad config, not in every replica
-    return LanguageModelServer.bind(dict(args))
+    return LanguageModelServer.bind(args, auth)

@@ -51,7 +51,7 @@ def override(
     if replicas is not None:
         dep.pop("autoscaling_config", None)
         dep["num_replicas"] = replicas
-    for section, values in (engine or {}).items():
+    for section, values in (engine or {}).items():  # also "auth"
         app["args"].setdefault(section, {}).update(values)
     return cfg
 

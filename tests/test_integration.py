@@ -193,3 +193,13 @@ def test_score_rolling_over_grpc(client, engine_nf4):
     with pytest.raises(grpc.RpcError) as err:
         client.score_rolling("")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in err.value.details()
+
+
+def test_multiple_choice_reports_acc_and_acc_norm_choices(client):
+    ctx = "우리 가족은 주말마다 공원에서"
+    conts = [" 산책을 한다.", " 뷁", " 산책을 한다. 그리고 집에 와서 잠을 잤다."]
+    r = client.score([(ctx, x) for x in conts])
+    lps = [s.logprob for s in r.scores]
+    assert r.HasField("choice") and r.choice == max(range(3), key=lambda i: lps[i])
+    assert r.choice_normalized == max(range(3), key=lambda i: lps[i] / len(conts[i]))
+    assert not client.score([("가", " 나"), ("다", " 라")]).HasField("choice")  # different contexts: no question

@@ -82,4 +82,9 @@ def score_response(pairs: list[tuple[str, str]], results: list[PairResult], toke
         if r.details is not None:
             d = r.details
             s.details.CopyFrom(token_details(d.ids, d.logprobs, d.top_ids, d.top_logprobs, token_text))
+    if len(pairs) > 1 and len({ctx for ctx, _ in pairs}) == 1:
+        # lm-eval's multiple-choice metrics: acc takes the raw argmax; acc_norm divides by the length in
+        # characters of the choice as written (before whitespace moved from the context).
+        out.choice = max(range(len(results)), key=lambda i: results[i].logprob)
+        out.choice_normalized = max(range(len(results)), key=lambda i: results[i].logprob / max(1, len(pairs[i][1])))
     return out

@@ -57,3 +57,17 @@ def test_grpc_service_and_podmonitor():
 def test_dockerfile_pins_and_runs_as_non_root():
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "torch==2.13.0" in text and "USER ray" in text and "grpc_tools.protoc" in text
+
+
+def test_grafana_dashboard_uses_only_exported_metrics():
+    import json
+    import re
+
+    dash = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    source = (ROOT / "service" / "serve" / "metrics.py").read_text()
+    ours = set(re.findall(r'"(polyglot_[a-z_]+)"', source))
+    for e in exprs:
+        for name in re.findall(r"ray_(polyglot_[a-z_]+?)(?:_bucket)?\b", e):
+            assert name in ours, f"{name} is not a metric the replicas export"

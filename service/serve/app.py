@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
+import ray
 from ray import serve
 
 from ..api import convert, validation
@@ -33,6 +34,8 @@ class LanguageModelServer:
         auth = auth or {}
         self.auth = TokenCheck(auth.get("token_env"), auth.get("token_file"))
         self.metrics = Metrics()
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._node_id = ray.get_runtime_context().get_node_id()
         self.engine = Engine(EngineConfig.from_dict(engine_config), on_stats=self.metrics.record)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -155,6 +158,8 @@ class LanguageModelServer:
             max_new_tokens=self.limits.max_new_tokens,
             max_score_pairs=self.limits.max_score_pairs,
             kv_cache_slots=self.engine.generation_load()[2],
+            replica_id=self._replica_id,
+            node_id=self._node_id,
         )
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:

@@ -1,0 +1,59 @@
+"""The same Serve config on a two-node Ray cluster (both nodes on this machine, started with `ray start` as KubeRay
+does): one replica lands on each node and both answer through one gRPC endpoint."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service.client import Client
+
+pytestmark = pytest.mark.integration
+
+
+def _ray(*args: str, env=None) -> None:
+    ray_bin = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray_bin), *args], check=True, capture_output=True, timeout=120, env=env)
+
+
+def test_two_nodes_one_endpoint(tiny_dir, monkeypatch):
+    import ray
+    from ray import serve
+
+    from service.serve.launch import deploy, load_config, override
+    from test_integration import free_port
+
+    gcs = free_port()
+    # Ray 2.60 turns token authentication on for `ray start --head`; a node joining from a test on
+    # loopback carries no token, so this throwaway cluster runs without it.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # Serve's proxy prefers replicas on its own node; turned off so that one light client reaches both.
+    env = {**os.environ, "RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE": "1", "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+    _ray("start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=false",
+         "--object-store-memory=100000000", env=env)
+    try:
+        _ray("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--object-store-memory=100000000", env=env)
+        ray.init(address=f"127.0.0.1:{gcs}")
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        cfg = override(load_config(), model=str(tiny_dir), num_gpus=0, grpc_port=free_port(), http_port=free_port(),
+                       replicas=2)
+        cfg["proxy_location"] = "HeadOnly"  # one machine: a proxy per node would need a port per node
+        cfg["applications"][0]["deployments"][0]["max_replicas_per_node"] = 1
+        deploy(cfg, timeout_s=300)
+        assert serve.status().applications["polyglot"].deployments["LanguageModel"].replica_states == {"RUNNING": 2}
+        seen = set()
+        with Client(f"127.0.0.1:{cfg['grpc_options']['port']}") as c:
+            deadline = time.monotonic() + 60
+            while len(seen) < 2 and time.monotonic() < deadline:
+                info = c.model_info()
+                seen.add((info.node_id, info.replica_id))
+                assert c.score([("서울의 봄은", " 벚꽃")]).scores[0].num_tokens > 0
+        assert len({node for node, _ in seen}) == 2, seen
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        _ray("stop", "--force")

@@ -453,7 +453,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pairs", type=int, help="independent Score pairs")
     ap.add_argument("--mc-questions", type=int, help="multiple-choice questions")
     ap.add_argument("--profile-decode", action="store_true", help="GPU: time and profile the decode step only")
+    ap.add_argument("--autoscale", action="store_true", help="multi-GPU: scale up under load and back down")
     args = ap.parse_args(argv)
+    if args.autoscale:
+        model = args.model or BenchConfig.model
+        if not args.model and not (Path(model) / "BUILD.json").exists():
+            build_checkpoint(Path(model))
+        return autoscale_run(model, Path(args.out), max_replicas=max(2, torch.cuda.device_count()))
     if args.profile_decode:
         model = args.model or BenchConfig.model
         if not args.model and not (Path(model) / "BUILD.json").exists():
@@ -558,6 +564,79 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
     (out / "decode-profile.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(table)
+    return res
+
+
+def autoscale_run(model: str, out: Path, streams: int = 96, load_s: float = 90, max_replicas: int = 2) -> dict:
+    """Multi-GPU autoscaling: the Serve config's policy with short delays, one GPU per replica; `streams` looping
+    Generate clients for `load_s`, then quiet. Records replicas and per-GPU memory over time."""
+    import grpc
+    import ray
+    from ray import serve
+
+    from .api.pb import lm_pb2, lm_pb2_grpc
+    from .serve.launch import deploy, load_config, override, start_ray
+
+    start_ray(None, _free_port(), object_store_mb=1024)
+    port = _free_port()
+    cfg = override(load_config(), model=model, num_gpus=1, grpc_port=port, http_port=_free_port())
+    dep = cfg["applications"][0]["deployments"][0]
+    dep["autoscaling_config"].update(min_replicas=1, initial_replicas=1, max_replicas=max_replicas,
+                                     target_ongoing_requests=16, upscale_delay_s=5, downscale_delay_s=20)
+    t0 = time.perf_counter()
+    deploy(cfg, timeout_s=600)
+    timeline, stop, done = [], threading.Event(), {"ok": 0, "errors": 0}
+
+    def sample():
+        while not stop.is_set():
+            st = serve.status().applications["polyglot"].deployments["LanguageModel"]
+            mem = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout.split("\n")
+            timeline.append({"t": round(time.perf_counter() - t0, 1), "replicas": dict(st.replica_states),
+                             "gpu_mem_mib": [int(x.split(",")[1]) for x in mem if x.strip()]})
+            stop.wait(2)
+
+    async def client_loop(deadline):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = lm_pb2_grpc.LanguageModelStub(ch)
+            params = lm_pb2.GenerationParameters(max_new_tokens=128, min_new_tokens=128, ignore_eos=True)
+
+            async def one():
+                while time.perf_counter() < deadline:
+                    try:
+                        async for _ in stub.GenerateStream(lm_pb2.GenerateRequest(text="서울의 봄은", parameters=params),
+                                                           timeout=120):
+                            pass
+                        done["ok"] += 1
+                    except grpc.aio.AioRpcError:
+                        done["errors"] += 1
+
+            await asyncio.gather(*(one() for _ in range(streams)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        asyncio.run(client_loop(time.perf_counter() + load_s))
+        quiet_end = time.perf_counter() + 90
+        while time.perf_counter() < quiet_end:
+            st = serve.status().applications["polyglot"].deployments["LanguageModel"].replica_states
+            if st.get("RUNNING", 0) == 1 and len(timeline) > 3:
+                break
+            time.sleep(2)
+        time.sleep(4)
+    finally:
+        stop.set()
+        sampler.join(timeout=10)
+        serve.shutdown()
+        ray.shutdown()
+    res = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "streams": streams,
+           "load_s": load_s, "requests": done, "max_replicas_seen": max(e["replicas"].get("RUNNING", 0) for e in timeline),
+           "final_replicas": timeline[-1]["replicas"] if timeline else None, "timeline": timeline}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "autoscale.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k != "timeline"}, indent=2))
+    for e in timeline[:: max(1, len(timeline) // 25)]:
+        print(e)
     return res
 
 

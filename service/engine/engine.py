@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class ScoreOptions:
+    """Per-call Score options (see ScoreRequest in lm.proto)."""
+
     truncate: bool = False
     details: bool = False
     top_n: int = 0
@@ -54,8 +56,8 @@ class Engine:
         self.runner = NeoxRunner(self.lm.model, self._plan_slots(), self.window, g.cuda_graphs)
         self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
-        log.info("KV cache: %d slots of %d tokens (%.1f GiB)", self.runner.max_slots, self.window,
-                 self.runner.max_slots * NeoxRunner.kv_bytes_per_slot(self.lm.model, self.window, self.lm.compute_dtype) / 2**30)
+        kv_gib = self.runner.max_slots * NeoxRunner.kv_bytes_per_slot(self.lm.model, self.window, self.lm.compute_dtype)
+        log.info("KV cache: %d slots of %d tokens (%.1f GiB)", self.runner.max_slots, self.window, kv_gib / 2**30)
         self._gen_task: asyncio.Task | None = None
 
     def _plan_slots(self) -> int:
@@ -70,6 +72,7 @@ class Engine:
         # "free" here is what neither the weights nor the largest Score batch need.
         free, _ = torch.cuda.mem_get_info(self.lm.device)
         return max(1, min(128, int(free * g.kv_cache_memory_fraction) // per_slot))
+
     @property
     def window(self) -> int:
         return self.lm.max_context

@@ -8,7 +8,6 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 
 from conftest import run
 from service.api.pb import lm_pb2

@@ -6,7 +6,6 @@ import logging
 import time
 from typing import Any
 
-import grpc
 from grpc_health.v1 import health_pb2
 import ray
 from ray import serve

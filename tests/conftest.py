@@ -57,3 +57,27 @@ _LOOP = asyncio.new_event_loop()
 def run(coro):
     """Run on one loop for the whole session, as a replica does (the engine's batcher lives on it)."""
     return _LOOP.run_until_complete(coro)
+
+
+def looping_streams(address: str, stop, codes, n: int, timeout: float = 60):
+    """n started threads, each streaming 64-token generations until `stop` is set; codes counts the outcomes."""
+    import threading
+
+    import grpc
+
+    from service.client import Client
+
+    def load():
+        with Client(address) as c:
+            while not stop.is_set():
+                try:
+                    for _ in c.generate_stream("서울의 봄은", max_new_tokens=64, ignore_eos=True, timeout=timeout):
+                        pass
+                    codes["OK"] += 1
+                except grpc.RpcError as e:
+                    codes[e.code().name] += 1
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads

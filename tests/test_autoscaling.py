@@ -1,12 +1,13 @@
 """Serve autoscaling from the config's autoscaling_config: load adds a replica, quiet removes it (CPU, tiny model)."""
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
-import grpc
 import pytest
 
+from conftest import looping_streams
 from service.client import Client
 
 pytestmark = pytest.mark.integration
@@ -37,19 +38,7 @@ def test_load_scales_up_and_quiet_scales_down(tiny_dir):
         deploy(cfg, timeout_s=300)
         assert _replicas(serve) == 1
         address = f"127.0.0.1:{cfg['grpc_options']['port']}"
-
-        def load():
-            with Client(address) as c:
-                while not stop.is_set():
-                    try:
-                        for _ in c.generate_stream("서울의 봄은", max_new_tokens=64, ignore_eos=True, timeout=60):
-                            pass
-                    except grpc.RpcError:
-                        pass
-
-        threads = [threading.Thread(target=load, daemon=True) for _ in range(12)]
-        for t in threads:
-            t.start()
+        threads = looping_streams(address, stop, collections.Counter(), 12)
         deadline = time.monotonic() + 120
         while _replicas(serve) < 2:
             assert time.monotonic() < deadline, "no scale-up under load"

@@ -10,9 +10,9 @@ import subprocess
 import threading
 import time
 
-import grpc
 import pytest
 
+from conftest import looping_streams
 from service.client import Client
 
 pytestmark = pytest.mark.integration
@@ -33,20 +33,7 @@ def test_killed_replica_fails_in_flight_calls_fast_and_comes_back(tiny_dir):
     try:
         deploy(cfg, timeout_s=300)
         address = f"127.0.0.1:{cfg['grpc_options']['port']}"
-
-        def load():
-            with Client(address) as c:
-                while not stop.is_set():
-                    try:
-                        for _ in c.generate_stream("서울의 봄은", max_new_tokens=64, ignore_eos=True, timeout=30):
-                            pass
-                        codes["OK"] += 1
-                    except grpc.RpcError as e:
-                        codes[e.code().name] += 1
-
-        threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
-        for t in threads:
-            t.start()
+        threads = looping_streams(address, stop, codes, 4, timeout=30)
         time.sleep(4)
         pids = subprocess.run(["pgrep", "-f", "ServeReplica:polyglot:LanguageModel"], capture_output=True,
                               text=True).stdout.split()

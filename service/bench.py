@@ -454,7 +454,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mc-questions", type=int, help="multiple-choice questions")
     ap.add_argument("--profile-decode", action="store_true", help="GPU: time and profile the decode step only")
     ap.add_argument("--autoscale", action="store_true", help="multi-GPU: scale up under load and back down")
+    ap.add_argument("--profile-score", action="store_true", help="Score in-process: throughput, kernels, invariance")
     args = ap.parse_args(argv)
+    if args.profile_score:
+        if args.quick:
+            from .engine.tiny import ensure
+            return profile_score(args.model or str(ensure(Path(".models/tiny"))), Path(args.out),
+                                 BenchConfig.quick_config(""))
+        model = args.model or BenchConfig.model
+        if not args.model and not (Path(model) / "BUILD.json").exists():
+            build_checkpoint(Path(model))
+        return profile_score(model, Path(args.out))
     if args.autoscale:
         model = args.model or BenchConfig.model
         if not args.model and not (Path(model) / "BUILD.json").exists():
@@ -564,6 +574,78 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
     (out / "decode-profile.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(table)
+    return res
+
+
+def profile_score(model: str, out: Path, cfg: BenchConfig | None = None) -> dict:
+    """Score without the serving layer: the engine's own throughput on the bench's pairs and multiple-choice
+    questions (all submitted at once, as the batcher would see them), the top kernels of one batch of each
+    kind, and the nf4 batch-invariance figure (each pair alone vs in a full batch)."""
+    import asyncio
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from .engine.config import EngineConfig, ModelConfig
+    from .engine.engine import Engine, ScoreOptions
+    from .engine.scoring import group_choices, layout
+    from .engine.text import encode_pair
+
+    cfg = cfg or BenchConfig()
+    engine = Engine(EngineConfig(model=ModelConfig(model=model)))
+    w = make_workloads(engine.lm.tokenizer, cfg)
+    loop = asyncio.new_event_loop()
+    opts = ScoreOptions()
+    res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+    def timed(calls: list[list[tuple[str, str]]], tokens: int) -> tuple[dict, list]:
+        async def all_at_once():
+            return await asyncio.gather(*(engine.score(c, opts) for c in calls))
+
+        loop.run_until_complete(all_at_once())  # warm-up
+        _sync()
+        t = time.perf_counter()
+        results = loop.run_until_complete(all_at_once())
+        _sync()
+        dt = time.perf_counter() - t
+        return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt}, results
+
+    res["pairs"], together = timed([[p] for p in w.pairs], sum(w.pair_tokens))
+    res["mc"], _ = timed([[(c, x) for x in xs] for c, xs in w.mc], sum(w.mc_tokens))
+
+    # Batch invariance: the first 64 pairs one call at a time (batches of 1) vs inside the full run above.
+    alone = [loop.run_until_complete(engine.score([p], opts))[0].logprob for p in w.pairs[:64]]
+    diffs = [abs(a - r[0].logprob) for a, r in zip(alone, together[:64])]
+    res["batch_invariance"] = {"pairs": 64, "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+                               "max_rel_diff": max(d / max(abs(r[0].logprob), 1e-9) for d, r in zip(diffs, together))}
+
+    print(json.dumps(res, indent=2), flush=True)
+    tok, eot, window = engine.lm.tokenizer, engine.lm.eos_token_id, engine.window
+    items = sorted((layout(encode_pair(tok, c, x, eot), window, False) for c, x in w.pairs), key=lambda it: it.length)
+    budget = engine._max_batch_tokens  # one batch as the batcher would form it: mid-length pairs up to the budget
+    mid = len(items) // 2
+    longest = items[min(mid + 32, len(items) - 1)].length
+    items = items[mid : mid + max(1, budget // longest)][:64]
+    groups = [group_choices([encode_pair(tok, c, x, eot) for x in xs], window) for c, xs in w.mc[:8]]
+    tables = {}
+    for name, fn in (("pairs", lambda: engine.scorer.forward(items)),
+                     ("mc", lambda: engine.scorer.forward_groups(groups, engine.runner))):
+        fn()
+        _sync()
+        t = time.perf_counter()
+        fn()
+        _sync()
+        res[f"{name}_one_batch_ms"] = (time.perf_counter() - t) * 1000
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            _sync()
+        tables[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "score-profile.txt").write_text("\n\n".join(f"== {k} ==\n{v}" for k, v in tables.items()))
+    (out / "score-profile.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    for k, v in tables.items():
+        print(f"== {k} ==\n{v}")
+    engine.close()
     return res
 
 

@@ -1,8 +1,11 @@
-"""Shared fixtures: the tiny model directory and engines loaded from it."""
+"""Shared fixtures: the tiny model directory, engines loaded from it, and a live service to test against."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -81,3 +84,55 @@ def looping_streams(address: str, stop, codes, n: int, timeout: float = 60):
     for t in threads:
         t.start()
     return threads
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CORPUS_PROMPT, CORPUS_LINE = "오늘은 날씨가", " 맑고 바람이 시원하다."  # a line the tiny model learned by heart
+
+
+def assert_serves(address: str, token: str | None = None) -> None:
+    """The service at `address` answers a Generate with the corpus line (greedy, so exactly)."""
+    from service.client import Client
+
+    with Client(address, token=token) as c:
+        assert c.generate(CORPUS_PROMPT, max_new_tokens=30, timeout=60).text == CORPUS_LINE
+
+
+@contextlib.contextmanager
+def serving(
+    tiny_dir: Path,
+    *,
+    replicas: int | None = 1,
+    engine: dict[str, dict] | None = None,
+    edit: Callable[[dict], None] | None = None,
+    ray_address: str | None = None,
+    token: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The tiny model served by real Ray Serve + its gRPC proxy on loopback, deployed from
+    deploy/serve_config.yaml with launch-time overrides (`engine` sections, `edit(cfg)` for the rest).
+    Starts Ray unless `ray_address` names a running cluster. Yields {"address", "metrics", "cfg"}; when the
+    body succeeds, checks the service still serves (sending `token`); always shuts Serve and Ray down."""
+    import ray
+    from ray import serve
+
+    from service.serve.launch import deploy, load_config, override, start_ray
+
+    metrics_port = free_port()
+    start_ray(ray_address, metrics_port, object_store_mb=256)
+    try:
+        cfg = override(load_config(), model=str(tiny_dir), num_gpus=0, grpc_port=free_port(), http_port=free_port(),
+                       replicas=replicas, engine=engine)
+        if edit:
+            edit(cfg)
+        deploy(cfg, timeout_s=300)
+        address = f"127.0.0.1:{cfg['grpc_options']['port']}"
+        yield {"address": address, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "cfg": cfg}
+        assert_serves(address, token)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

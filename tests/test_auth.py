@@ -4,6 +4,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from conftest import CORPUS_LINE, CORPUS_PROMPT, serving
 from service.api.auth import TokenCheck, Unauthenticated
 from service.client import Client
 
@@ -28,32 +29,17 @@ def test_no_tokens_means_open():
 
 @pytest.mark.integration
 def test_service_requires_the_token(tiny_dir, tmp_path):
-    import ray
-    from ray import serve
-
-    from service.serve.launch import deploy, load_config, override, start_ray
-    from test_integration import free_port
-
     secret = tmp_path / "tokens"
     secret.write_text("s3cret-token\n")
-    start_ray(None, free_port(), object_store_mb=256)
-    cfg = override(load_config(), model=str(tiny_dir), num_gpus=0, grpc_port=free_port(), http_port=free_port(),
-                   replicas=1, engine={"auth": {"token_file": str(secret)}})
-    try:
-        deploy(cfg, timeout_s=300)
-        address = f"127.0.0.1:{cfg['grpc_options']['port']}"
-        with Client(address) as anonymous, Client(address, token="wrong") as wrong, \
-                Client(address, token="s3cret-token") as good:
-            for c in (anonymous, wrong):
-                for call in (lambda: c.score([("서울의", " 봄")]), lambda: c.model_info(),
-                             lambda: list(c.generate_stream("서울의", max_new_tokens=2)), lambda: c.tokenize("봄")):
-                    with pytest.raises(grpc.RpcError) as err:
-                        call()
-                    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                    assert "s3cret" not in err.value.details()
-            assert anonymous.healthy()  # Kubernetes probes send no metadata
-            assert good.score([("서울의", " 봄")]).scores[0].num_tokens > 0
-            assert "".join(m.text for m in good.generate_stream("오늘은 날씨가", max_new_tokens=30)) == " 맑고 바람이 시원하다."
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serving(tiny_dir, engine={"auth": {"token_file": str(secret)}}, token="s3cret-token") as s, Client(s["address"]) as anonymous, \
+            Client(s["address"], token="wrong") as wrong, Client(s["address"], token="s3cret-token") as good:
+        for c in (anonymous, wrong):
+            for call in (lambda: c.score([("서울의", " 봄")]), lambda: c.model_info(),
+                         lambda: list(c.generate_stream("서울의", max_new_tokens=2)), lambda: c.tokenize("봄")):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "s3cret" not in err.value.details()
+        assert anonymous.healthy()  # Kubernetes probes send no metadata
+        assert good.score([("서울의", " 봄")]).scores[0].num_tokens > 0
+        assert "".join(m.text for m in good.generate_stream(CORPUS_PROMPT, max_new_tokens=30)) == CORPUS_LINE

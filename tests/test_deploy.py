@@ -71,3 +71,25 @@ def test_grafana_dashboard_uses_only_exported_metrics():
     for e in exprs:
         for name in re.findall(r"ray_(polyglot_[a-z_]+?)(?:_bucket)?\b", e):
             assert name in ours, f"{name} is not a metric the replicas export"
+
+
+def test_tls_ingress_forwards_grpc_to_the_service():
+    ing = yaml.safe_load((K8S / "tls-ingress.yaml").read_text())
+    svc = yaml.safe_load((K8S / "grpc-service.yaml").read_text())
+    assert ing["kind"] == "Ingress"
+    assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    (tls,) = ing["spec"]["tls"]
+    (rule,) = ing["spec"]["rules"]
+    assert tls["secretName"] and rule["host"] in tls["hosts"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": svc["metadata"]["name"], "port": {"number": svc["spec"]["ports"][0]["port"]}}
+
+
+def test_every_proxy_gets_the_message_size_limit():
+    from service.serve.launch import PROXY_MAX_MESSAGE_BYTES
+
+    cluster = yaml.safe_load((K8S / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) == PROXY_MAX_MESSAGE_BYTES

@@ -1,6 +1,7 @@
-"""Fault test: the replica process is killed mid-load. In-flight calls fail fast (none hangs), Serve starts a new
-replica, and it serves. Ray's proxy reports the dead replica's calls as INTERNAL ("The actor died unexpectedly"),
-not UNAVAILABLE: that mapping lives in Ray, outside this service (see README)."""
+"""Fault test: the replica process is killed mid-load. In-flight streams fail fast (none hangs); Score calls from the
+client, whose gRPC retry policy covers read-only calls, all succeed; Serve starts a new replica, and it serves.
+Ray's proxy reports the dead replica's calls as INTERNAL ("The actor died unexpectedly"), not UNAVAILABLE: that
+mapping lives in Ray, outside this service, which is why the client's policy retries INTERNAL on read-only calls."""
 from __future__ import annotations
 
 import collections
@@ -10,58 +11,69 @@ import subprocess
 import threading
 import time
 
+import grpc
 import pytest
 
-from conftest import looping_streams
+from conftest import looping_streams, serving
 from service.client import Client
 
 pytestmark = pytest.mark.integration
 
 
-def test_killed_replica_fails_in_flight_calls_fast_and_comes_back(tiny_dir):
-    import ray
+def _replica_pids() -> list[str]:
+    return subprocess.run(["pgrep", "-f", "ServeReplica:polyglot:LanguageModel"], capture_output=True,
+                          text=True).stdout.split()
+
+
+def _looping_scores(address: str, stop: threading.Event, codes: collections.Counter, n: int) -> list[threading.Thread]:
+    def load():
+        with Client(address) as c:  # retry=True: the documented client policy
+            while not stop.is_set():
+                try:
+                    r = c.score([("우리 가족은 주말마다", " 공원에서 산책을 한다.")] * 4, timeout=120)
+                    codes["OK"] += len(r.scores) == 4
+                except grpc.RpcError as e:
+                    codes[e.code().name] += 1
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_killed_replica_fails_streams_fast_retries_scores_and_comes_back(tiny_dir):
     from ray import serve
 
-    from service.serve.launch import deploy, load_config, override, start_ray
-    from test_integration import free_port
-
-    cfg = override(load_config(), model=str(tiny_dir), num_gpus=0, grpc_port=free_port(), http_port=free_port(),
-                   replicas=1)
-    start_ray(None, free_port(), object_store_mb=256)
-    codes: collections.Counter = collections.Counter()
+    streams: collections.Counter = collections.Counter()
+    scores: collections.Counter = collections.Counter()
     stop = threading.Event()
-    try:
-        deploy(cfg, timeout_s=300)
-        address = f"127.0.0.1:{cfg['grpc_options']['port']}"
-        threads = looping_streams(address, stop, codes, 4, timeout=30)
-        time.sleep(4)
-        pids = subprocess.run(["pgrep", "-f", "ServeReplica:polyglot:LanguageModel"], capture_output=True,
-                              text=True).stdout.split()
-        assert len(pids) == 1
-        os.kill(int(pids[0]), signal.SIGKILL)
-        deadline = time.monotonic() + 120
+    with serving(tiny_dir) as s:
+        try:
+            threads = looping_streams(s["address"], stop, streams, 4, timeout=30)
+            threads += _looping_scores(s["address"], stop, scores, 4)
+            time.sleep(4)
+            pids = _replica_pids()
+            assert len(pids) == 1
+            scores_before_kill = scores["OK"]
+            os.kill(int(pids[0]), signal.SIGKILL)
+            deadline = time.monotonic() + 120
 
-        def replaced() -> bool:
-            now = subprocess.run(["pgrep", "-f", "ServeReplica:polyglot:LanguageModel"], capture_output=True,
-                                 text=True).stdout.split()
-            running = serve.status().applications["polyglot"].deployments["LanguageModel"].replica_states
-            return bool(now) and now != pids and running.get("RUNNING", 0) == 1
+            def replaced() -> bool:
+                now = _replica_pids()
+                running = serve.status().applications["polyglot"].deployments["LanguageModel"].replica_states
+                return bool(now) and now != pids and running.get("RUNNING", 0) == 1
 
-        while not replaced():
-            assert time.monotonic() < deadline, "the replica did not come back"
-            time.sleep(1)
-        ok_before = codes["OK"]
-        time.sleep(5)
-        stop.set()
+            while not replaced():
+                assert time.monotonic() < deadline, "the replica did not come back"
+                time.sleep(1)
+            ok_before = streams["OK"]
+            time.sleep(5)
+        finally:
+            stop.set()
         for t in threads:
-            t.join(timeout=60)
+            t.join(timeout=150)
             assert not t.is_alive(), "a call hung"
-        assert codes["OK"] > ok_before  # the new replica serves the same clients
-        assert set(codes) <= {"OK", "INTERNAL", "UNAVAILABLE"}, codes  # failed fast, never DEADLINE_EXCEEDED
-        assert codes["INTERNAL"] + codes["UNAVAILABLE"] >= 1  # the killed replica's in-flight streams
-        with Client(address) as c:
-            assert c.generate("오늘은 날씨가", max_new_tokens=30).text == " 맑고 바람이 시원하다."
-    finally:
-        stop.set()
-        serve.shutdown()
-        ray.shutdown()
+    assert scores_before_kill > 0 and set(scores) == {"OK"}, scores  # retried onto the new replica, none lost
+    assert streams["OK"] > ok_before  # the new replica serves the same clients
+    assert set(streams) <= {"OK", "INTERNAL", "UNAVAILABLE"}, streams  # failed fast, never DEADLINE_EXCEEDED
+    assert streams["INTERNAL"] + streams["UNAVAILABLE"] >= 1  # the killed replica's in-flight streams

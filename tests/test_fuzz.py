@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.api.pb import lm_pb2
+from conftest import assert_serves
 from test_integration import client, server  # noqa: F401 - the module-scoped Ray Serve fixtures
 
 pytestmark = pytest.mark.integration
@@ -62,6 +63,6 @@ def test_tokenizer_and_rolling_fuzz(client, text, ids):  # noqa: F811
     _call(lambda: client.stub.ScoreRolling(lm_pb2.ScoreRollingRequest(text=text), timeout=60))
 
 
-def test_healthy_after_fuzzing(client):  # noqa: F811
+def test_healthy_after_fuzzing(client, server):  # noqa: F811
     assert client.healthy()
-    assert client.generate("오늘은 날씨가", max_new_tokens=30).text == " 맑고 바람이 시원하다."
+    assert_serves(server["address"])

@@ -2,46 +2,25 @@
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 import time
 import urllib.request
 
 import grpc
 import pytest
 
-from conftest import run
-from service.api.pb import lm_pb2
+from conftest import CORPUS_LINE, CORPUS_PROMPT, assert_serves, run, serving
+from service.api.pb import lm_pb2, lm_pb2_grpc
 from service.client import Client
 from service.engine.engine import ScoreOptions
 
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir):
     """Ray + Serve + one tiny nf4 replica on the CPU, deployed from deploy/serve_config.yaml."""
-    import ray
-    from ray import serve
-
-    from service.serve.launch import deploy, load_config, override, start_ray
-
-    metrics_port = free_port()
-    start_ray(None, metrics_port, object_store_mb=256)
-    cfg = override(
-        load_config(), model=str(tiny_dir), num_gpus=0, grpc_port=free_port(), http_port=free_port(),
-        replicas=1, engine={"batch": {"max_wait_ms": 20}},
-    )
-    deploy(cfg, timeout_s=300)
-    address = f"127.0.0.1:{cfg['grpc_options']['port']}"
-    yield {"address": address, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
-    serve.shutdown()
-    ray.shutdown()
+    with serving(tiny_dir, engine={"batch": {"max_wait_ms": 20}}) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +50,10 @@ def test_reflection_lists_services(server):
 
 
 def test_generate_and_stream_agree(client):
-    unary = client.generate("오늘은 날씨가", max_new_tokens=30)
+    unary = client.generate(CORPUS_PROMPT, max_new_tokens=30)
     assert unary.finish_reason == lm_pb2.FINISH_REASON_EOS
-    assert unary.text == " 맑고 바람이 시원하다."  # the tiny model learned this corpus line
-    msgs = list(client.generate_stream("오늘은 날씨가", max_new_tokens=30))
+    assert unary.text == CORPUS_LINE  # the tiny model learned this corpus line
+    msgs = list(client.generate_stream(CORPUS_PROMPT, max_new_tokens=30))
     assert "".join(m.text for m in msgs) == unary.text
     assert [m.finish_reason for m in msgs[:-1]] == [0] * (len(msgs) - 1)
     assert msgs[-1].finish_reason == unary.finish_reason
@@ -138,6 +117,7 @@ LONG = "오늘은 날씨가 맑고 바람이 시원하다. " * 400
         (lambda c: c.score([]), "no pairs"),
         (lambda c: c.score([(LONG, " 끝")]), "window"),
         (lambda c: c.score([("a", "b")] * 257), "limit per call"),
+        (lambda c: c.score([("가" * 150_000, " 끝")] * 10), "the request is 4500"),  # 4.5 MB > 4 MiB
         (lambda c: c.score([("a", "b")], token_details=True, top_logprobs=50), "top_logprobs"),
         (lambda c: c.detokenize([10**6]), "vocabulary"),
     ],
@@ -156,21 +136,58 @@ def test_truncation_is_reported(client):
     assert r.truncated_tokens > 0
 
 
-def test_metrics_are_exported(client, server):
-    client.score([("서울의 봄은", " 벚꽃")])
-    client.generate("서울의 봄은", max_new_tokens=4)
-    want = ["ray_polyglot_requests_total", "ray_polyglot_score_batch_pairs", "ray_polyglot_generated_tokens_total",
-            "ray_polyglot_time_to_first_token_seconds", "ray_polyglot_kv_cache_slots", "ray_serve_num_grpc_requests"]
+def _metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of one metric in a Prometheus text scrape whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series, value = line.rsplit(" ", 1)
+            if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(value)
+    return total
+
+
+MOVING = [  # (metric, labels): each must grow while traffic flows
+    ("ray_polyglot_requests_total", {"method": "Score", "code": "OK"}),
+    ("ray_polyglot_requests_total", {"method": "GenerateStream", "code": "OK"}),
+    ("ray_polyglot_requests_total", {"method": "Score", "code": "INVALID_ARGUMENT"}),
+    ("ray_polyglot_request_latency_seconds_count", {"method": "Score"}),
+    ("ray_polyglot_score_batch_pairs_count", {}),
+    ("ray_polyglot_score_batch_tokens_count", {}),
+    ("ray_polyglot_score_queue_seconds_count", {}),
+    ("ray_polyglot_scored_tokens_total", {}),
+    ("ray_polyglot_score_padding_tokens_total", {}),
+    ("ray_polyglot_generated_tokens_total", {}),
+    ("ray_polyglot_prompt_tokens_total", {}),
+    ("ray_polyglot_time_to_first_token_seconds_count", {}),
+    ("ray_polyglot_inter_token_latency_seconds_count", {}),
+    ("ray_serve_num_grpc_requests_total", {}),
+]
+
+
+def test_every_metric_exists_and_moves_under_traffic(client, server):
+    def scrape() -> str:
+        return urllib.request.urlopen(server["metrics"], timeout=5).read().decode()
+
+    before = scrape()
+    for _ in range(3):
+        client.score([("서울의 봄은", " 벚꽃"), ("우리 가족은 주말마다 공원에서", " 산책을 한다.")])  # padding
+        list(client.generate_stream("서울의 봄은", max_new_tokens=6, min_new_tokens=6))
+        with pytest.raises(grpc.RpcError):
+            client.score([("맥락", "")])
     deadline = time.monotonic() + 60
-    while True:
-        text = urllib.request.urlopen(server["metrics"], timeout=5).read().decode()
-        missing = [m for m in want if m not in text]
-        if not missing:
+    while True:  # Ray exports replica metrics every few seconds
+        after = scrape()
+        still = [(m, l) for m, l in MOVING if _metric_sum(after, m, **l) <= _metric_sum(before, m, **l)]
+        if not still:
             break
-        assert time.monotonic() < deadline, f"metrics never appeared: {missing}"
+        assert time.monotonic() < deadline, f"metrics that did not move: {still}"
         time.sleep(2)
-    line = next(l for l in text.splitlines() if l.startswith("ray_polyglot_requests_total") and 'method="Score"' in l)
-    assert float(line.rsplit(" ", 1)[1]) >= 1
+    assert _metric_sum(after, "ray_polyglot_kv_cache_slots") == 8
+    assert _metric_sum(after, "ray_polyglot_memory_bytes", kind="host_rss") > 100e6
+    for gauge in ("ray_polyglot_generation_running", "ray_polyglot_generation_waiting"):
+        assert any(line.startswith(gauge) for line in after.splitlines()), gauge
+    assert _metric_sum(after, "ray_serve_deployment_replica_healthy") == 1  # replicas, from Ray itself
 
 
 def test_deadline_ends_a_stream_and_the_server_keeps_serving(client):
@@ -178,8 +195,8 @@ def test_deadline_ends_a_stream_and_the_server_keeps_serving(client):
         for _ in client.generate_stream("오늘은", max_new_tokens=1000, ignore_eos=True, timeout=0.5):
             pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    r = client.generate("오늘은 날씨가", max_new_tokens=30)
-    assert r.text == " 맑고 바람이 시원하다."
+    r = client.generate(CORPUS_PROMPT, max_new_tokens=30)
+    assert r.text == CORPUS_LINE
 
 
 def test_score_rolling_over_grpc(client, engine_nf4):
@@ -202,3 +219,17 @@ def test_multiple_choice_reports_acc_and_acc_norm_choices(client):
     assert r.HasField("choice") and r.choice == max(range(3), key=lambda i: lps[i])
     assert r.choice_normalized == max(range(3), key=lambda i: lps[i] / len(conts[i]))
     assert not client.score([("가", " 나"), ("다", " 라")]).HasField("choice")  # different contexts: no question
+
+
+def test_transport_refuses_messages_beyond_the_proxy_limit(server):
+    """Beyond the proxy's 64 MiB (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, set by the launcher) gRPC itself refuses."""
+    from service.serve.launch import PROXY_MAX_MESSAGE_BYTES
+
+    huge = lm_pb2.ScoreRequest(pairs=[lm_pb2.ScorePair(context="가" * (PROXY_MAX_MESSAGE_BYTES // 3 + 10),
+                                                       continuation=" 끝")])
+    opts = [("grpc.max_send_message_length", 256 << 20)]
+    with grpc.insecure_channel(server["address"], options=opts) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            lm_pb2_grpc.LanguageModelStub(ch).Score(huge, timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_serves(server["address"])

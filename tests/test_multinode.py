@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, serving
 from service.client import Client
 
 pytestmark = pytest.mark.integration
@@ -24,9 +25,6 @@ def test_two_nodes_one_endpoint(tiny_dir, monkeypatch):
     import ray
     from ray import serve
 
-    from service.serve.launch import deploy, load_config, override
-    from test_integration import free_port
-
     gcs = free_port()
     # Ray 2.60 turns token authentication on for `ray start --head`; a node joining from a test on
     # loopback carries no token, so this throwaway cluster runs without it.
@@ -37,23 +35,21 @@ def test_two_nodes_one_endpoint(tiny_dir, monkeypatch):
          "--object-store-memory=100000000", env=env)
     try:
         _ray("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--object-store-memory=100000000", env=env)
-        ray.init(address=f"127.0.0.1:{gcs}")
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cfg = override(load_config(), model=str(tiny_dir), num_gpus=0, grpc_port=free_port(), http_port=free_port(),
-                       replicas=2)
-        cfg["proxy_location"] = "HeadOnly"  # one machine: a proxy per node would need a port per node
-        cfg["applications"][0]["deployments"][0]["max_replicas_per_node"] = 1
-        deploy(cfg, timeout_s=300)
-        assert serve.status().applications["polyglot"].deployments["LanguageModel"].replica_states == {"RUNNING": 2}
-        seen = set()
-        with Client(f"127.0.0.1:{cfg['grpc_options']['port']}") as c:
-            deadline = time.monotonic() + 60
-            while len(seen) < 2 and time.monotonic() < deadline:
-                info = c.model_info()
-                seen.add((info.node_id, info.replica_id))
-                assert c.score([("서울의 봄은", " 벚꽃")]).scores[0].num_tokens > 0
-        assert len({node for node, _ in seen}) == 2, seen
-        serve.shutdown()
+
+        def two_nodes(cfg: dict) -> None:
+            cfg["proxy_location"] = "HeadOnly"  # one machine: a proxy per node would need a port per node
+            cfg["applications"][0]["deployments"][0]["max_replicas_per_node"] = 1
+
+        with serving(tiny_dir, replicas=2, edit=two_nodes, ray_address=f"127.0.0.1:{gcs}") as s:
+            assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+            assert serve.status().applications["polyglot"].deployments["LanguageModel"].replica_states == {"RUNNING": 2}
+            seen = set()
+            with Client(s["address"]) as c:
+                deadline = time.monotonic() + 60
+                while len(seen) < 2 and time.monotonic() < deadline:
+                    info = c.model_info()
+                    seen.add((info.node_id, info.replica_id))
+                    assert c.score([("서울의 봄은", " 벚꽃")]).scores[0].num_tokens > 0
+            assert len({node for node, _ in seen}) == 2, seen
     finally:
-        ray.shutdown()
         _ray("stop", "--force")

@@ -15,6 +15,13 @@ def _check_text(name: str, text: str, limits: LimitsConfig) -> None:
         raise InvalidRequest(f"{name} is {len(text)} characters; the limit is {limits.max_text_chars}")
 
 
+def request_size(request, limits: LimitsConfig) -> None:
+    """Refuse an oversized message before reading any of it (the proxy's own limit is far higher)."""
+    size = request.ByteSize()
+    if size > limits.max_request_bytes:
+        raise InvalidRequest(f"the request is {size} bytes; the limit is {limits.max_request_bytes}")
+
+
 def _finite(name: str, x: float) -> float:
     if not math.isfinite(x):
         raise InvalidRequest(f"{name} must be a finite number, not {x}")

@@ -42,6 +42,12 @@ class LimitsConfig:
     """Most alternatives per position in token details."""
     max_text_chars: int = 200_000
     """Most characters in any one text field (a cheap guard before tokenizing)."""
+    max_request_bytes: int = 4 << 20
+    """Largest serialized request message; bigger ones are refused before any work (INVALID_ARGUMENT).
+    The proxy's transport limit (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, set by the launcher) sits above it."""
+    retry_after_ms: int = 1000
+    """Back-off sent with RESOURCE_EXHAUSTED (queue full, out of GPU memory) in the standard
+    `grpc-retry-pushback-ms` trailer, which gRPC clients with a retry policy obey."""
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 from typing import AsyncIterator
 
@@ -199,6 +200,15 @@ class Engine:
         """(running sequences, waiting sequences, KV-cache slots)."""
         running, waiting = self.scheduler.in_use()
         return running, waiting, self.runner.max_slots
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Memory held by this replica: host RSS always, the CUDA allocator's view on a GPU."""
+        with open("/proc/self/statm") as f:
+            out = {"host_rss": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
+        if self.lm.device.type == "cuda":
+            out["gpu_allocated"] = torch.cuda.memory_allocated(self.lm.device)
+            out["gpu_reserved"] = torch.cuda.memory_reserved(self.lm.device)
+        return out
 
     # --- Tokenizer ---------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+import grpc
 from grpc_health.v1 import health_pb2
 import ray
 from ray import serve
@@ -48,18 +49,30 @@ class LanguageModelServer:
 
     def _fail(self, ctx, method: str, exc: BaseException, t0: float) -> None:
         code, msg = status_for(exc)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            wait_ms = self.limits.retry_after_ms
+            # gRPC's standard pushback trailer: clients with a retry policy wait this long, then retry.
+            # Ray's proxy drops trailers of a failed stream, so the message says it too.
+            ctx.set_trailing_metadata([("grpc-retry-pushback-ms", str(wait_ms))])
+            msg = f"{msg} (retry after {wait_ms} ms)"
         ctx.set_code(code)
         ctx.set_details(msg)
         self.metrics.request(method, code.name, time.monotonic() - t0)
 
+    def _admit(self, ctx, request) -> None:
+        """Checks every RPC passes before any work: the caller's token, then the message size."""
+        self.auth.check(ctx.invocation_metadata())
+        validation.request_size(request, self.limits)
+
     def _ok(self, method: str, t0: float) -> None:
         self.metrics.request(method, "OK", time.monotonic() - t0)
+        self.metrics.memory_bytes(self.engine.memory_bytes)
 
-    async def _unary(self, method: str, ctx, empty, work):
+    async def _unary(self, method: str, ctx, request, empty, work):
         """Answer a unary RPC with `await work()`; any failure becomes a status code and `empty`."""
         t0 = time.monotonic()
         try:
-            self.auth.check(ctx.invocation_metadata())
+            self._admit(ctx, request)
             response = await work()
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
             self._fail(ctx, method, e, t0)
@@ -72,7 +85,7 @@ class LanguageModelServer:
             pairs, opts = validation.score_request(request, self.limits)
             return convert.score_response(pairs, await self.engine.score(pairs, opts), self._token_text)
 
-        return await self._unary("Score", grpc_context, lm_pb2.ScoreResponse(), work)
+        return await self._unary("Score", grpc_context, request, lm_pb2.ScoreResponse(), work)
 
     async def ScoreRolling(self, request: lm_pb2.ScoreRollingRequest, grpc_context) -> lm_pb2.ScoreRollingResponse:
         async def work():
@@ -81,7 +94,7 @@ class LanguageModelServer:
             return lm_pb2.ScoreRollingResponse(logprob=logprob, num_tokens=n_tokens, num_chars=len(text),
                                                num_bytes=len(text.encode("utf-8")), num_windows=n_windows)
 
-        return await self._unary("ScoreRolling", grpc_context, lm_pb2.ScoreRollingResponse(), work)
+        return await self._unary("ScoreRolling", grpc_context, request, lm_pb2.ScoreRollingResponse(), work)
 
     async def Generate(self, request: lm_pb2.GenerateRequest, grpc_context) -> lm_pb2.GenerateResponse:
         async def work():
@@ -90,12 +103,12 @@ class LanguageModelServer:
                 pass
             return acc.response()
 
-        return await self._unary("Generate", grpc_context, lm_pb2.GenerateResponse(), work)
+        return await self._unary("Generate", grpc_context, request, lm_pb2.GenerateResponse(), work)
 
     async def GenerateStream(self, request: lm_pb2.GenerateRequest, grpc_context):
         t0 = time.monotonic()
         try:
-            self.auth.check(grpc_context.invocation_metadata())
+            self._admit(grpc_context, request)
             async for acc in self._generate(request):
                 if acc.text or acc.finish is not None or acc.ids and acc.want_details:
                     yield acc.take()
@@ -128,22 +141,23 @@ class LanguageModelServer:
             ids, texts = self.engine.tokenize(validation.text_request("text", request.text, self.limits))
             return lm_pb2.TokenizeResponse(ids=ids, texts=texts)
 
-        return await self._unary("Tokenize", grpc_context, lm_pb2.TokenizeResponse(), work)
+        return await self._unary("Tokenize", grpc_context, request, lm_pb2.TokenizeResponse(), work)
 
     async def Detokenize(self, request: lm_pb2.DetokenizeRequest, grpc_context) -> lm_pb2.DetokenizeResponse:
         async def work():
             return lm_pb2.DetokenizeResponse(text=self.engine.detokenize(list(request.ids)))
 
-        return await self._unary("Detokenize", grpc_context, lm_pb2.DetokenizeResponse(), work)
+        return await self._unary("Detokenize", grpc_context, request, lm_pb2.DetokenizeResponse(), work)
 
     async def ModelInfo(self, request: lm_pb2.ModelInfoRequest, grpc_context) -> lm_pb2.ModelInfoResponse:
         async def work():
             return self._model_info()
 
-        return await self._unary("ModelInfo", grpc_context, lm_pb2.ModelInfoResponse(), work)
+        return await self._unary("ModelInfo", grpc_context, request, lm_pb2.ModelInfoResponse(), work)
 
     def _model_info(self) -> lm_pb2.ModelInfoResponse:
         lm = self.engine.lm
+        running, waiting, slots = self.engine.generation_load()
         return lm_pb2.ModelInfoResponse(
             model_id=lm.model_id,
             revision=lm.revision,
@@ -156,7 +170,10 @@ class LanguageModelServer:
             eos_token_id=lm.eos_token_id,
             max_new_tokens=self.limits.max_new_tokens,
             max_score_pairs=self.limits.max_score_pairs,
-            kv_cache_slots=self.engine.generation_load()[2],
+            kv_cache_slots=slots,
+            running_sequences=running,
+            waiting_requests=waiting,
+            max_request_bytes=self.limits.max_request_bytes,
             replica_id=self._replica_id,
             node_id=self._node_id,
         )

@@ -88,12 +88,18 @@ def deploy(cfg: dict[str, Any], timeout_s: float = 600) -> None:
         time.sleep(0.5)
 
 
+PROXY_MAX_MESSAGE_BYTES = 64 << 20
+
+
 def start_ray(address: str | None, metrics_port: int, object_store_mb: int) -> None:
     import ray
 
     if address:
         ray.init(address=address)
         return
+    # The proxy's transport limit (Ray's default is 2 GiB): a client cannot make it buffer more than this.
+    # Read by the proxy process, which inherits this environment from the Ray started here.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(PROXY_MAX_MESSAGE_BYTES))
     ray.init(
         include_dashboard=False,
         object_store_memory=object_store_mb * 1024 * 1024,

@@ -6,6 +6,8 @@ replicas and nodes needs no extra scrape targets.
 """
 from __future__ import annotations
 
+import time
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from ..engine.stats import GenerationStats, ScoreBatchStats, Stats
@@ -55,6 +57,19 @@ class Metrics:
         self.gen_running = Gauge("polyglot_generation_running", description="Sequences in the decode batch.")
         self.gen_waiting = Gauge("polyglot_generation_waiting", description="Generate requests waiting for a KV slot.")
         self.kv_slots = Gauge("polyglot_kv_cache_slots", description="KV-cache slots (most sequences decoded together).")
+        self.memory = Gauge(
+            "polyglot_memory_bytes", description="Replica memory: host_rss, and gpu_allocated / gpu_reserved on a GPU.",
+            tag_keys=("kind",),
+        )
+        self._memory_at = 0.0
+
+    def memory_bytes(self, read) -> None:
+        """Refresh the memory gauge from `read()` at most once a second (it is called per request)."""
+        now = time.monotonic()
+        if now - self._memory_at >= 1.0:
+            self._memory_at = now
+            for kind, value in read().items():
+                self.memory.set(value, tags={"kind": kind})
 
     def generation_load(self, running: int, waiting: int, slots: int) -> None:
         self.gen_running.set(running)

@@ -628,7 +628,7 @@ def profile_score(model: str, out: Path, cfg: BenchConfig | None = None) -> dict
     groups = [group_choices([encode_pair(tok, c, x, eot) for x in xs], window) for c, xs in w.mc[:8]]
     tables = {}
     for name, fn in (("pairs", lambda: engine.scorer.forward(items)),
-                     ("mc", lambda: engine.scorer.forward_groups(groups, engine.runner))):
+                     ("mc", lambda: engine.scorer.forward_groups(groups))):
         fn()
         _sync()
         t = time.perf_counter()

@@ -62,8 +62,9 @@ def run(coro):
     return _LOOP.run_until_complete(coro)
 
 
-def looping_streams(address: str, stop, codes, n: int, timeout: float = 60):
-    """n started threads, each streaming 64-token generations until `stop` is set; codes counts the outcomes."""
+def looping(address: str, stop, codes, n: int, call) -> list:
+    """n started threads, each with its own Client repeating `call(client)` until `stop` is set; codes counts
+    the outcomes (OK or the gRPC status code's name)."""
     import threading
 
     import grpc
@@ -74,8 +75,7 @@ def looping_streams(address: str, stop, codes, n: int, timeout: float = 60):
         with Client(address) as c:
             while not stop.is_set():
                 try:
-                    for _ in c.generate_stream("서울의 봄은", max_new_tokens=64, ignore_eos=True, timeout=timeout):
-                        pass
+                    call(c)
                     codes["OK"] += 1
                 except grpc.RpcError as e:
                     codes[e.code().name] += 1
@@ -84,6 +84,15 @@ def looping_streams(address: str, stop, codes, n: int, timeout: float = 60):
     for t in threads:
         t.start()
     return threads
+
+
+def looping_streams(address: str, stop, codes, n: int, timeout: float = 60) -> list:
+    """n threads streaming 64-token generations until `stop` is set."""
+    def stream(c):
+        for _ in c.generate_stream("서울의 봄은", max_new_tokens=64, ignore_eos=True, timeout=timeout):
+            pass
+
+    return looping(address, stop, codes, n, stream)
 
 
 def free_port() -> int:

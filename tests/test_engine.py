@@ -59,12 +59,16 @@ def test_score_nf4_matches_the_same_nf4_model(engine_nf4):
         assert r.is_greedy == greedy
 
 
-def test_batched_equals_one_by_one(engine_fp32):
-    together = run(engine_fp32.score(PAIRS, ScoreOptions()))
-    alone = [run(engine_fp32.score([p], ScoreOptions()))[0] for p in PAIRS]
+@pytest.mark.parametrize("engine, tol", [("engine_fp32", 1e-5), ("engine_nf4", 1e-4)])
+def test_batched_equals_one_by_one(engine, tol, request):
+    """Batch invariance: a pair's score does not depend on what shares its batch (fp32: 1e-5; nf4 on the CPU,
+    measured max 3.3e-4 on 48 bench pairs of the tiny model, and here within 1e-4; 1.9e-6 on an H100 in fp16)."""
+    engine = request.getfixturevalue(engine)
+    together = run(engine.score(PAIRS, ScoreOptions()))
+    alone = [run(engine.score([p], ScoreOptions()))[0] for p in PAIRS]
     assert max(r.batch_pairs for r in together) > 1
     for a, b in zip(together, alone):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.logprob == pytest.approx(b.logprob, abs=tol)
         assert a.is_greedy == b.is_greedy
 
 

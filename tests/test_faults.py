@@ -11,10 +11,9 @@ import subprocess
 import threading
 import time
 
-import grpc
 import pytest
 
-from conftest import looping_streams, serving
+from conftest import looping, looping_streams, serving
 from service.client import Client
 
 pytestmark = pytest.mark.integration
@@ -25,20 +24,9 @@ def _replica_pids() -> list[str]:
                           text=True).stdout.split()
 
 
-def _looping_scores(address: str, stop: threading.Event, codes: collections.Counter, n: int) -> list[threading.Thread]:
-    def load():
-        with Client(address) as c:  # retry=True: the documented client policy
-            while not stop.is_set():
-                try:
-                    r = c.score([("우리 가족은 주말마다", " 공원에서 산책을 한다.")] * 4, timeout=120)
-                    codes["OK"] += len(r.scores) == 4
-                except grpc.RpcError as e:
-                    codes[e.code().name] += 1
-
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(n)]
-    for t in threads:
-        t.start()
-    return threads
+def _score_four(c: Client) -> None:
+    r = c.score([("우리 가족은 주말마다", " 공원에서 산책을 한다.")] * 4, timeout=120)  # the default retry policy
+    assert len(r.scores) == 4
 
 
 def test_killed_replica_fails_streams_fast_retries_scores_and_comes_back(tiny_dir):
@@ -50,7 +38,7 @@ def test_killed_replica_fails_streams_fast_retries_scores_and_comes_back(tiny_di
     with serving(tiny_dir) as s:
         try:
             threads = looping_streams(s["address"], stop, streams, 4, timeout=30)
-            threads += _looping_scores(s["address"], stop, scores, 4)
+            threads += looping(s["address"], stop, scores, 4, _score_four)
             time.sleep(4)
             pids = _replica_pids()
             assert len(pids) == 1

@@ -1,5 +1,9 @@
 """The same Serve config on a two-node Ray cluster (both nodes on this machine, started with `ray start` as KubeRay
-does): one replica lands on each node and both answer through one gRPC endpoint."""
+does): one replica lands on each node and both answer through one gRPC endpoint.
+
+It turns Ray's token authentication off for its throwaway cluster, and Ray keeps that mode for the rest of the
+process: a Ray started afterwards in the same pytest process fails to authenticate. So it must stay the last test
+module that starts Ray (pytest runs modules in name order; only Ray-free modules follow it)."""
 from __future__ import annotations
 
 import os

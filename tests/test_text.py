@@ -89,3 +89,17 @@ def test_rolling_windows_predict_every_token_once():
     for w in ws:
         assert len(w.context_ids) + len(w.continuation_ids) <= 11  # fits the window (+1 unseen last token)
         assert w.context_ids == tokens[tokens.index(w.continuation_ids[0]) - len(w.context_ids) : tokens.index(w.continuation_ids[0])] or w.context_ids == [0]
+
+
+def test_batch_encoding_equals_pair_by_pair(tiny_dir):
+    """encode_pairs (Rust backend, each distinct text once) gives exactly encode_pair's split, including
+    empty and whitespace-only contexts, trailing spaces and a context shared by several choices."""
+    from transformers import AutoTokenizer
+
+    from service.engine.text import BatchEncoder, encode_pair, encode_pairs
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    eot = tok.eos_token_id
+    pairs = [("", "안녕하세요"), ("   ", "맑다"), ("오늘은 날씨가 ", "맑고"), ("오늘은 날씨가", " 맑고"),
+             ("서울의 봄은", " 벚꽃"), ("서울의 봄은", " 춥다"), ("서울의 봄은", "벚꽃"), ("뷁궯", " 햏\n")]
+    assert encode_pairs(BatchEncoder(tok), pairs, eot) == [encode_pair(tok, c, x, eot) for c, x in pairs]

@@ -16,11 +16,11 @@ from .batching import ScoreBatcher
 from .config import EngineConfig
 from .errors import InvalidRequest, NotReady
 from .generation import Chunk, GenerationParams, Sequence
-from .neox import NeoxRunner
+from .neox import NeoxForward, NeoxRunner
 from .scheduler import Scheduler
 from .scoring import PairResult, Scorer, group_choices, layout
 from .stats import GenerationStats, StatsSink, discard
-from .text import encode, encode_pair, rolling_windows
+from .text import BatchEncoder, encode, encode_pairs, rolling_windows
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,13 @@ class Engine:
         self.cfg = cfg
         self.lm = loader.load(cfg.model)
         self.on_stats = on_stats
+        self._encoder = BatchEncoder(self.lm.tokenizer)
         pad = self.lm.tokenizer.pad_token_id
-        self.scorer = Scorer(self.lm.model, self.lm.device, self.lm.eos_token_id if pad is None else pad)
+        self.scorer = Scorer(self.lm.model, self.lm.device, self.lm.eos_token_id if pad is None else pad,
+                             NeoxForward(self.lm.model, self.window))
         # One thread owns the model: forward passes never block the event loop and never overlap.
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         max_tokens = cfg.batch.max_batch_tokens or (32768 if self.lm.device.type == "cuda" else 4096)
         self._batcher: ScoreBatcher | None = None
         self._choice_batcher: ScoreBatcher | None = None
@@ -85,14 +88,17 @@ class Engine:
 
     async def score(self, pairs: list[tuple[str, str]], opts: ScoreOptions) -> list[PairResult]:
         """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` rules)."""
-        tok, eot = self.lm.tokenizer, self.lm.eos_token_id
-        encoded = [encode_pair(tok, ctx, cont, eot) for ctx, cont in pairs]
+        # Off the event loop (a few-shot context is thousands of characters per pair), on one thread: the
+        # Rust backend already spreads a batch over the cores, and more such batches at once starve the
+        # model thread of the CPU it needs to launch kernels.
+        encoded = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_thread, encode_pairs, self._encoder, pairs, self.lm.eos_token_id)
         group = None if opts.details else group_choices(encoded, self.window)
         if group is not None:
             # One context, several continuations: its forward pass is shared, not repeated per choice.
             if self._choice_batcher is None:
                 self._choice_batcher = ScoreBatcher(
-                    lambda groups: self._on_model_thread(self.scorer.forward_groups, groups, self.runner),
+                    lambda groups: self._on_model_thread(self.scorer.forward_groups, groups),
                     self.cfg.batch,
                     self.cfg.batch.max_choice_prefix_tokens,
                     self.on_stats,
@@ -240,3 +246,4 @@ class Engine:
     def close(self) -> None:
         self._closed = True
         self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)

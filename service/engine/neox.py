@@ -20,11 +20,11 @@ def _buckets(limit: int, first: int) -> list[int]:
     return out + [limit]
 
 
-class NeoxRunner:
-    """Call order: prefill(slot, ids, start) for each chunk of a new sequence, then decode(tokens, positions)
-    for all n running sequences at once (they occupy slots 0..n-1); move(src, dst, length) keeps slots compact."""
+class NeoxForward:
+    """GPT-NeoX forward passes over the model's own modules without a KV cache: whole sequences (Score)
+    and shared prefixes (multiple choice)."""
 
-    def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int, use_graphs: bool):
+    def __init__(self, model: torch.nn.Module, max_len: int):
         cfg = model.config
         if cfg.model_type != "gpt_neox":
             raise ValueError(f"the generation engine runs GPT-NeoX models, not {cfg.model_type}")
@@ -36,7 +36,7 @@ class NeoxRunner:
         self.parallel = cfg.use_parallel_residual
         self.H = cfg.num_attention_heads
         self.hd = cfg.hidden_size // self.H
-        self.max_slots, self.max_len = max_slots, max_len
+        self.max_len = max_len
         dev = self.embed.weight.device
         self.device = dev
         # Activations follow the compute dtype that bitsandbytes was configured with (fp16 on GPU).
@@ -49,6 +49,116 @@ class NeoxRunner:
         emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)  # [max_len, rot]
         self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding on the first `rot` dims (rotate-half form, as transformers' GPT-NeoX), written
+        into a copy of x without the concatenations of the textbook form. x [B, H, T, hd]."""
+        half = self.rot // 2
+        out = x.contiguous() if not x.is_contiguous() else x.clone()  # [B, H, T, hd]
+        r1, r2 = x[..., :half], x[..., half : self.rot]
+        c, s = cos[..., :half], sin[..., :half]  # the two halves of cos/sin are equal
+        out[..., :half] = r1 * c - r2 * s
+        out[..., half : self.rot] = r2 * c + r1 * s
+        return out
+
+    def _block(self, layer, x: torch.Tensor, attend) -> torch.Tensor:
+        """One transformer layer; `attend(q, k, v)` stores k/v in the cache and returns attention output."""
+        B, T, D = x.shape
+        qkv = layer.attention.query_key_value(layer.input_layernorm(x))  # [B, T, 3D]
+        q, k, v = qkv.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
+        a = attend(q, k, v)  # [B, H, T, hd]
+        a = layer.attention.dense(a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
+        if self.parallel:
+            return x + a + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + a
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_ln(h)).float()
+
+    @torch.inference_mode()
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, T, D] (after the last layer norm) of right-padded rows ids [B, T]."""
+        T = ids.shape[1]
+        x = self.embed(ids.to(self.device)).to(self.dtype)  # [B, T, D]
+        cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
+        for layer in self.layers:
+            def attend(q, k, v):
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            x = self._block(layer, x, attend)
+        return self.final_ln(x)
+
+    @torch.inference_mode()
+    def shared_prefix_hidden(self, prefixes: list[list[int]], group: list[int], suffixes: list[list[int]]) -> torch.Tensor:
+        """Final hidden states [R, S, D] of suffix rows, row r continuing prefix group[r]: each prefix runs
+        through the model once, however many suffixes share it (multiple-choice scoring).
+
+        The C suffixes of a group run as one row of C blocks of S tokens that attend to the group's prefix
+        and, causally, to their own block; each layer's keys and values live in one buffer per group
+        (prefix, then the blocks), so nothing is gathered or concatenated per suffix."""
+        G, P = len(prefixes), max(map(len, prefixes))
+        S = max(map(len, suffixes))
+        member = [0] * len(suffixes)  # row r is choice member[r] of its group
+        counts = [0] * G
+        for r, g in enumerate(group):
+            member[r], counts[g] = counts[g], counts[g] + 1
+        C = max(counts)
+        L = P + C * S
+        dev = self.device
+        ids = torch.zeros((G, P), dtype=torch.long)  # [G, P] right-padded
+        for i, p in enumerate(prefixes):
+            ids[i, : len(p)] = torch.tensor(p)
+        kb = [torch.empty((G, self.H, L, self.hd), dtype=self.dtype, device=dev) for _ in self.layers]  # L x [G, H, L, hd]
+        vb = [torch.empty_like(k) for k in kb]
+        x = self.embed(ids.to(dev)).to(self.dtype)  # [G, P, D]
+        for li, layer in enumerate(self.layers):
+            def attend(q, k, v, li=li):
+                q, k = self._rope(q, self.cos[:P], self.sin[:P]), self._rope(k, self.cos[:P], self.sin[:P])
+                kb[li][:, :, :P] = k
+                vb[li][:, :, :P] = v
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            x = self._block(layer, x, attend)
+        del x
+
+        plen = torch.tensor([len(p) for p in prefixes], device=dev)  # [G]
+        ids = torch.zeros((G, C * S), dtype=torch.long)  # [G, C*S]: block c holds the group's choice c
+        for r, t in enumerate(suffixes):
+            ids[group[r], member[r] * S : member[r] * S + len(t)] = torch.tensor(t)
+        i = torch.arange(C * S, device=dev)  # query index within the row
+        pos = plen[:, None] + (i % S)[None, :]  # [G, C*S]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [G, 1, C*S, rot]
+        j = torch.arange(L, device=dev)  # key index: prefix slots 0..P-1, then the C blocks
+        jj = (j - P).clamp(min=0)
+        mask = torch.where(
+            j[None, None, :] < P,
+            j[None, None, :] < plen[:, None, None],  # the group's own prefix, not its padding
+            ((jj // S)[None, :] == (i // S)[:, None]) & ((jj % S)[None, :] <= (i % S)[:, None]),  # own block, causal
+        )[:, None]  # [G, 1, C*S, L]
+        x = self.embed(ids.to(dev)).to(self.dtype)  # [G, C*S, D]
+        for li, layer in enumerate(self.layers):
+            def attend(q, k, v, li=li):
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                kb[li][:, :, P:] = k
+                vb[li][:, :, P:] = v
+                return F.scaled_dot_product_attention(q, kb[li], vb[li], attn_mask=mask)
+
+            x = self._block(layer, x, attend)
+        h = self.final_ln(x)  # [G, C*S, D]
+        rows = torch.tensor(group, device=dev)[:, None]  # [R, 1]
+        cols = (torch.tensor(member, device=dev) * S)[:, None] + torch.arange(S, device=dev)[None, :]  # [R, S]
+        return h[rows, cols]  # [R, S, D]
+
+
+class NeoxRunner(NeoxForward):
+    """Call order: prefill(slot, ids, start) for each chunk of a new sequence, then decode(tokens, positions)
+    for all n running sequences at once (they occupy slots 0..n-1); move(src, dst, length) keeps slots compact."""
+
+    def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int, use_graphs: bool):
+        super().__init__(model, max_len)
+        dev = self.device
+        self.max_slots = max_slots
         shape = (max_slots, self.H, max_len, self.hd)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]  # L x [S, H, Tmax, hd]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
@@ -65,28 +175,6 @@ class NeoxRunner:
     def kv_bytes_per_slot(model: torch.nn.Module, max_len: int, dtype: torch.dtype) -> int:
         c = model.config
         return 2 * c.num_hidden_layers * max_len * c.hidden_size * torch.tensor([], dtype=dtype).element_size()
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding on the first `rot` dims (rotate-half form, as transformers' GPT-NeoX). x [B, H, T, hd]."""
-        r, p = x[..., : self.rot], x[..., self.rot :]
-        half = self.rot // 2
-        rotated = torch.cat((-r[..., half:], r[..., :half]), dim=-1)
-        return torch.cat((r * cos + rotated * sin, p), dim=-1)
-
-    def _block(self, layer, x: torch.Tensor, attend) -> torch.Tensor:
-        """One transformer layer; `attend(q, k, v)` stores k/v in the cache and returns attention output."""
-        B, T, D = x.shape
-        qkv = layer.attention.query_key_value(layer.input_layernorm(x))  # [B, T, 3D]
-        q, k, v = qkv.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
-        a = attend(q, k, v)  # [B, H, T, hd]
-        a = layer.attention.dense(a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
-        if self.parallel:
-            return x + a + layer.mlp(layer.post_attention_layernorm(x))
-        x = x + a
-        return x + layer.mlp(layer.post_attention_layernorm(x))
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.final_ln(h)).float()
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
@@ -133,54 +221,6 @@ class NeoxRunner:
             x = self._block(layer, x, attend)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._logits(x[torch.arange(n, device=self.device), last])  # [n, V]
-
-    @torch.inference_mode()
-    def shared_prefix_hidden(self, prefixes: list[list[int]], group: list[int], suffixes: list[list[int]]) -> torch.Tensor:
-        """Final hidden states [R, S, D] of suffix rows, row r continuing prefix group[r]: each prefix runs
-        through the model once, however many suffixes share it (multiple-choice scoring). Nothing touches
-        the generation KV cache."""
-        G, P = len(prefixes), max(map(len, prefixes))
-        R, S = len(suffixes), max(map(len, suffixes))
-        dev = self.device
-        ids = torch.zeros((G, P), dtype=torch.long)  # [G, P] right-padded
-        for i, p in enumerate(prefixes):
-            ids[i, : len(p)] = torch.tensor(p)
-        pk, pv = [], []  # per layer [G, H, P, hd]
-        x = self.embed(ids.to(dev)).to(self.dtype)  # [G, P, D]
-        for layer in self.layers:
-            def attend(q, k, v):
-                q, k = self._rope(q, self.cos[:P], self.sin[:P]), self._rope(k, self.cos[:P], self.sin[:P])
-                pk.append(k)
-                pv.append(v)
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-            x = self._block(layer, x, attend)
-        del x
-
-        g = torch.tensor(group, device=dev)  # [R]
-        plen = torch.tensor([len(p) for p in prefixes], device=dev)[g]  # [R]
-        ids = torch.zeros((R, S), dtype=torch.long)  # [R, S]
-        for i, t in enumerate(suffixes):
-            ids[i, : len(t)] = torch.tensor(t)
-        pos = plen[:, None] + torch.arange(S, device=dev)[None, :]  # [R, S]
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [R, 1, S, rot]
-        j = torch.arange(P + S, device=dev)  # key index: prefix slots 0..P-1, then the row's own S tokens
-        own = torch.arange(S, device=dev)
-        mask = torch.where(
-            j[None, None, :] < P,
-            j[None, None, :] < plen[:, None, None],  # the row's own prefix, not another's padding
-            (j[None, None, :] - P) <= own[None, :, None],  # causal within the suffix
-        )[:, None]  # [R, 1, S, P + S]
-        x = self.embed(ids.to(dev)).to(self.dtype)  # [R, S, D]
-        for li, layer in enumerate(self.layers):
-            def attend(q, k, v, li=li):
-                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                K = torch.cat([pk[li][g], k], dim=2)  # [R, H, P + S, hd]
-                V = torch.cat([pv[li][g], v], dim=2)
-                return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
-
-            x = self._block(layer, x, attend)
-        return self.final_ln(x)  # [R, S, D]
 
     def _decode_eager(self, B: int, T: int) -> torch.Tensor:
         """One token for each of the sequences in slots 0..B-1, attending to cache positions < T."""

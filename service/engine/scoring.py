@@ -6,6 +6,7 @@ import dataclasses
 import torch
 
 from .errors import InvalidRequest
+from .neox import NeoxForward
 from .text import EncodedPair
 
 
@@ -107,9 +108,12 @@ def group_choices(pairs: list[EncodedPair], window: int) -> ChoiceGroup | None:
 class Scorer:
     """Scores batches of ScoreItems with a causal LM. Call from one thread at a time."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, pad_id: int):
+    def __init__(self, model: torch.nn.Module, device: torch.device, pad_id: int, neox: NeoxForward | None = None):
+        """`neox`: our own GPT-NeoX forward (no rotary concatenations, no cache bookkeeping), which also
+        makes multiple choice possible; without it pairs run through transformers' model."""
         self.model = model
         self.base = model.base_model  # the transformer without its output layer
+        self.neox = neox
         self.head = model.get_output_embeddings()
         self.device = device
         self.pad_id = pad_id
@@ -139,12 +143,12 @@ class Scorer:
                 top_v, top_i)
 
     @torch.inference_mode()
-    def forward_groups(self, groups: list[ChoiceGroup], runner) -> list[list[PairResult]]:
+    def forward_groups(self, groups: list[ChoiceGroup]) -> list[list[PairResult]]:
         """Score multiple-choice groups: each context once, all their continuations in one batch."""
         group_of = [gi for gi, g in enumerate(groups) for _ in g.suffixes]
         suffixes = [s for g in groups for s in g.suffixes]
         targets_l = [t for g in groups for t in g.targets]
-        h = runner.shared_prefix_hidden([g.prefix for g in groups], group_of, suffixes)  # [R, S, D]
+        h = self.neox.shared_prefix_hidden([g.prefix for g in groups], group_of, suffixes)  # [R, S, D]
         R = len(suffixes)
         n = torch.tensor([len(t) for t in targets_l])  # [R]
         rows = torch.repeat_interleave(torch.arange(R), n)  # [N]
@@ -181,7 +185,10 @@ class Scorer:
             ids[i, : it.length] = torch.tensor(it.input_ids)
         # Right padding with no attention mask is exact for a causal model: real tokens never
         # attend to the pad tokens after them, and the maskless path lets SDPA use its causal kernel.
-        hidden = self.base(input_ids=ids.to(self.device)).last_hidden_state  # [B, T, D]
+        if self.neox is not None:
+            hidden = self.neox.hidden(ids)  # [B, T, D]
+        else:
+            hidden = self.base(input_ids=ids.to(self.device)).last_hidden_state  # [B, T, D]
 
         # Continuation positions only: the output layer and softmax never see the rest.
         rows = torch.repeat_interleave(torch.arange(B), n_cont)  # [N]

@@ -19,6 +19,53 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+class BatchEncoder:
+    """Encodes many texts at once with the tokenizer's Rust backend (parallel, outside the GIL), with the
+    same result as `encode` on each. A private copy of the backend with truncation and padding off, as
+    transformers sets them for a plain call, so concurrent callers never contend for its settings."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._fast = None
+        if backend is not None:
+            self._fast = Tokenizer.from_str(backend.to_str())
+            self._fast.no_truncation()
+            self._fast.no_padding()
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self._fast is None:  # a slow (Python) tokenizer
+            return [encode(self.tokenizer, t) for t in texts]
+        return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
+
+
+def encode_pairs(encoder: BatchEncoder, pairs: list[tuple[str, str]], eot_id: int) -> list[EncodedPair]:
+    """`encode_pair` of every pair in one batch; each distinct text is encoded once, so the K choices of a
+    question cost K + 1 encodings, not 2K."""
+    # None marks an empty context: its continuation is encoded alone after the end-of-text token.
+    split = [(None, x) if c == "" else _lm_eval_split(c, x) for c, x in pairs]
+    texts = list(dict.fromkeys(t for c, x in split for t in ((x,) if c is None else (c, c + x))))
+    ids = dict(zip(texts, encoder(texts)))
+    out = []
+    for c, x in split:
+        if c is None:
+            out.append(EncodedPair([eot_id], ids[x], x))
+        else:
+            whole, n_ctx = ids[c + x], len(ids[c])
+            out.append(EncodedPair(whole[:n_ctx], whole[n_ctx:], x))
+    return out
+
+
+def _lm_eval_split(context: str, continuation: str) -> tuple[str, str]:
+    """Trailing whitespace of the context moves to the continuation (lm-eval `_encode_pair`)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
+
+
 def encode_pair(tokenizer, context: str, continuation: str, eot_id: int) -> EncodedPair:
     """lm-eval `loglikelihood` rules: empty context -> end-of-text token as the whole context;
     trailing whitespace of the context moves to the continuation; the pair is encoded together and
@@ -26,10 +73,7 @@ def encode_pair(tokenizer, context: str, continuation: str, eot_id: int) -> Enco
     continuation)."""
     if context == "":
         return EncodedPair([eot_id], encode(tokenizer, continuation), continuation)
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
+    context, continuation = _lm_eval_split(context, continuation)
     whole = encode(tokenizer, context + continuation)
     n_ctx = len(encode(tokenizer, context))
     return EncodedPair(whole[:n_ctx], whole[n_ctx:], continuation)

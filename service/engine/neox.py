@@ -67,6 +67,10 @@ class NeoxForward:
         q, k, v = qkv.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
         a = attend(q, k, v)  # [B, H, T, hd]
         a = layer.attention.dense(a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
+        return self._residual(layer, x, a)
+
+    def _residual(self, layer, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The rest of a layer after attention output a: the MLP and the residual sums (any leading shape)."""
         if self.parallel:
             return x + a + layer.mlp(layer.post_attention_layernorm(x))
         x = x + a
@@ -76,18 +80,31 @@ class NeoxForward:
         return self.head(self.final_ln(h)).float()
 
     @torch.inference_mode()
-    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, T, D] (after the last layer norm) of right-padded rows ids [B, T]."""
-        T = ids.shape[1]
-        x = self.embed(ids.to(self.device)).to(self.dtype)  # [B, T, D]
-        cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
-        for layer in self.layers:
-            def attend(q, k, v):
-                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def hidden(self, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Final hidden states [B, T, D] (after the last layer norm) of right-padded rows ids [B, T] whose real
+        lengths are `lengths`; hidden states at pad positions are zero.
 
-            x = self._block(layer, x, attend)
-        return self.final_ln(x)
+        Unpadded: the layer norms, projections and MLP (nearly all the FLOPs) run on the N real tokens only;
+        just attention sees the padded [B, T] layout, through one buffer whose pad rows stay zero. Padding
+        then costs attention and two copies per layer, not whole matmul rows."""
+        B, T = ids.shape
+        dev, D = self.device, self.H * self.hd
+        real = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # [B, T]
+        flat = real.reshape(-1).nonzero().squeeze(1).to(dev)  # [N] positions in B*T
+        x = self.embed(ids.reshape(-1).to(dev)[flat]).to(self.dtype)  # [N, D]
+        cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
+        padded = torch.zeros((B * T, 3 * D), dtype=self.dtype, device=dev)  # [B*T, 3D], reused by every layer
+        for layer in self.layers:
+            padded[flat] = layer.attention.query_key_value(layer.input_layernorm(x))  # [N, 3D] into the rows
+            q, k, v = padded.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            # Right padding with causal attention is exact: real tokens never attend to the pads after them.
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+            a = layer.attention.dense(a.transpose(1, 2).reshape(B * T, D)[flat])  # [N, D]
+            x = self._residual(layer, x, a)
+        out = torch.zeros((B * T, D), dtype=self.dtype, device=dev)
+        out[flat] = self.final_ln(x)
+        return out.view(B, T, D)
 
     @torch.inference_mode()
     def shared_prefix_hidden(self, prefixes: list[list[int]], group: list[int], suffixes: list[list[int]]) -> torch.Tensor:

@@ -186,7 +186,7 @@ class Scorer:
         # Right padding with no attention mask is exact for a causal model: real tokens never
         # attend to the pad tokens after them, and the maskless path lets SDPA use its causal kernel.
         if self.neox is not None:
-            hidden = self.neox.hidden(ids)  # [B, T, D]
+            hidden = self.neox.hidden(ids, [it.length for it in items])  # [B, T, D]
         else:
             hidden = self.base(input_ids=ids.to(self.device)).last_hidden_state  # [B, T, D]
 

@@ -9,7 +9,7 @@ from typing import Awaitable, Callable
 
 from .config import BatchConfig
 from .errors import QueueFull
-from .scoring import PairResult, ScoreItem
+from .scoring import ChoiceGroup, PairResult, ScoreItem
 from .stats import ScoreBatchStats, StatsSink
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class _Pending:
-    item: ScoreItem
+    item: ScoreItem | ChoiceGroup  # anything with .length (tokens) and .pairs
     future: asyncio.Future
     enqueued: float
 
@@ -116,7 +116,7 @@ class ScoreBatcher:
                 p.future.set_result(r)
         width = max(p.item.length for p in batch)
         stats = ScoreBatchStats(
-            pairs=sum(len(getattr(p.item, "suffixes", [None])) for p in batch),
+            pairs=sum(p.item.pairs for p in batch),
             tokens=sum(p.item.length for p in batch),
             padded_tokens=width * len(batch),
             queue_seconds=start - min(p.enqueued for p in batch),

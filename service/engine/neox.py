@@ -20,6 +20,14 @@ def _buckets(limit: int, first: int) -> list[int]:
     return out + [limit]
 
 
+def right_pad(seqs: list[list[int]], pad: int = 0) -> torch.Tensor:
+    """Token id rows [n, T] (T the longest), each sequence left-aligned and followed by `pad`."""
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)  # [n, T]
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    return ids
+
+
 class NeoxForward:
     """GPT-NeoX forward passes over the model's own modules without a KV cache: whole sequences (Score)
     and shared prefixes (multiple choice)."""
@@ -123,9 +131,7 @@ class NeoxForward:
         C = max(counts)
         L = P + C * S
         dev = self.device
-        ids = torch.zeros((G, P), dtype=torch.long)  # [G, P] right-padded
-        for i, p in enumerate(prefixes):
-            ids[i, : len(p)] = torch.tensor(p)
+        ids = right_pad(prefixes)  # [G, P]
         kb = [torch.empty((G, self.H, L, self.hd), dtype=self.dtype, device=dev) for _ in self.layers]  # L x [G, H, L, hd]
         vb = [torch.empty_like(k) for k in kb]
         x = self.embed(ids.to(dev)).to(self.dtype)  # [G, P, D]
@@ -221,10 +227,8 @@ class NeoxRunner(NeoxForward):
         """Whole prompts of several new sequences in one forward pass; logits of each one's last token
         [n, V] (float32). Right padding is exact for a causal model: real tokens never attend to the
         pad tokens after them, and the K/V written for pads sit at positions decode overwrites first."""
-        n, T = len(prompts), max(map(len, prompts))
-        ids = torch.zeros((n, T), dtype=torch.long)  # [n, T]
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
+        ids = right_pad(prompts)  # [n, T]
+        n, T = ids.shape
         x = self.embed(ids.to(self.device)).to(self.dtype)  # [n, T, D]
         cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
         idx = torch.tensor(slots, device=self.device)

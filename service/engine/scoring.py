@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from .errors import InvalidRequest
-from .neox import NeoxForward
+from .neox import NeoxForward, right_pad
 from .text import EncodedPair
 
 
@@ -32,6 +32,11 @@ class ScoreItem:
     @property
     def length(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def pairs(self) -> int:
+        """Pairs this work item scores (the batcher counts them for its stats)."""
+        return 1
 
 
 @dataclasses.dataclass
@@ -91,6 +96,10 @@ class ChoiceGroup:
     @property
     def length(self) -> int:
         return len(self.prefix) + sum(map(len, self.suffixes))
+
+    @property
+    def pairs(self) -> int:
+        return len(self.suffixes)
 
 
 def group_choices(pairs: list[EncodedPair], window: int) -> ChoiceGroup | None:
@@ -177,12 +186,9 @@ class Scorer:
         B = len(items)
         details = any(it.details for it in items)
         top_n = max(it.top_n for it in items)
-        T = max(it.length for it in items)
         lens = torch.tensor([it.length for it in items])  # [B]
         n_cont = torch.tensor([len(it.target_ids) for it in items])  # [B]
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)  # [B, T]
-        for i, it in enumerate(items):
-            ids[i, : it.length] = torch.tensor(it.input_ids)
+        ids = right_pad([it.input_ids for it in items], self.pad_id)  # [B, T]
         # Right padding with no attention mask is exact for a causal model: real tokens never
         # attend to the pad tokens after them, and the maskless path lets SDPA use its causal kernel.
         if self.neox is not None:

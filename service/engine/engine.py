@@ -84,15 +84,17 @@ class Engine:
     async def _on_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
+    async def _on_tokenizer_thread(self, fn, *args):
+        """Off the event loop (a few-shot context or a text to score is thousands of characters), on one
+        thread: the Rust backend already spreads a batch over the cores, and more such batches at once
+        starve the model thread of the CPU it needs to launch kernels."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
     # --- Score -------------------------------------------------------------------------------------
 
     async def score(self, pairs: list[tuple[str, str]], opts: ScoreOptions) -> list[PairResult]:
         """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` rules)."""
-        # Off the event loop (a few-shot context is thousands of characters per pair), on one thread: the
-        # Rust backend already spreads a batch over the cores, and more such batches at once starve the
-        # model thread of the CPU it needs to launch kernels.
-        encoded = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer_thread, encode_pairs, self._encoder, pairs, self.lm.eos_token_id)
+        encoded = await self._on_tokenizer_thread(encode_pairs, self._encoder, pairs, self.lm.eos_token_id)
         group = None if opts.details else group_choices(encoded, self.window)
         if group is not None:
             # One context, several continuations: its forward pass is shared, not repeated per choice.
@@ -115,7 +117,7 @@ class Engine:
     async def score_rolling(self, text: str) -> tuple[float, int, int]:
         """(log-likelihood, tokens, windows) of a whole text, lm-eval `loglikelihood_rolling` rules; the
         windows go through the same batcher as Score pairs."""
-        tokens = encode(self.lm.tokenizer, text)
+        (tokens,) = await self._on_tokenizer_thread(self._encoder, [text])
         if not tokens:
             raise InvalidRequest("text encodes to zero tokens")
         windows = rolling_windows(tokens, self.lm.eos_token_id, self.window)

@@ -442,6 +442,17 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _gpu_model(model: str | None) -> str:
+    """The model to benchmark: the one asked for, else the 5.8B-shape random checkpoint, built if missing."""
+    if model:
+        return model
+    model = BenchConfig.model
+    if not (Path(model) / "BUILD.json").exists():
+        print(f"building a 5.8B-shape random checkpoint at {model}", flush=True)
+        build_checkpoint(Path(model))
+    return model
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU, tiny model, small workloads (the code path, not numbers)")
@@ -461,20 +472,11 @@ def main(argv: list[str] | None = None) -> dict:
             from .engine.tiny import ensure
             return profile_score(args.model or str(ensure(Path(".models/tiny"))), Path(args.out),
                                  BenchConfig.quick_config(""))
-        model = args.model or BenchConfig.model
-        if not args.model and not (Path(model) / "BUILD.json").exists():
-            build_checkpoint(Path(model))
-        return profile_score(model, Path(args.out))
+        return profile_score(_gpu_model(args.model), Path(args.out))
     if args.autoscale:
-        model = args.model or BenchConfig.model
-        if not args.model and not (Path(model) / "BUILD.json").exists():
-            build_checkpoint(Path(model))
-        return autoscale_run(model, Path(args.out), max_replicas=max(2, torch.cuda.device_count()))
+        return autoscale_run(_gpu_model(args.model), Path(args.out), max_replicas=max(2, torch.cuda.device_count()))
     if args.profile_decode:
-        model = args.model or BenchConfig.model
-        if not args.model and not (Path(model) / "BUILD.json").exists():
-            build_checkpoint(Path(model))
-        return profile_decode(model, Path(args.out))
+        return profile_decode(_gpu_model(args.model), Path(args.out))
 
     if args.quick:
         from .engine.tiny import ensure
@@ -482,10 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = BenchConfig.quick_config(model)
     else:
         cfg = BenchConfig()
-        model = args.model or cfg.model
-        if not args.model and not (Path(model) / "BUILD.json").exists():
-            print(f"building a 5.8B-shape random checkpoint at {model}", flush=True)
-            build_checkpoint(Path(model))
+        model = _gpu_model(args.model)
     cfg.out = args.out
     if args.gen_concurrency:
         cfg.gen_concurrency = tuple(int(x) for x in args.gen_concurrency.split(","))

@@ -95,6 +95,14 @@ def looping_streams(address: str, stop, codes, n: int, timeout: float = 60) -> l
     return looping(address, stop, codes, n, stream)
 
 
+def replica_pids() -> list[str]:
+    """Process ids of this machine's LanguageModel replicas (Ray names the worker process after the actor)."""
+    import subprocess
+
+    return subprocess.run(["pgrep", "-f", "ServeReplica:polyglot:LanguageModel"], capture_output=True,
+                          text=True).stdout.split()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

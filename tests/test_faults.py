@@ -7,21 +7,15 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
 
-from conftest import looping, looping_streams, serving
+from conftest import looping, looping_streams, replica_pids, serving
 from service.client import Client
 
 pytestmark = pytest.mark.integration
-
-
-def _replica_pids() -> list[str]:
-    return subprocess.run(["pgrep", "-f", "ServeReplica:polyglot:LanguageModel"], capture_output=True,
-                          text=True).stdout.split()
 
 
 def _score_four(c: Client) -> None:
@@ -40,14 +34,14 @@ def test_killed_replica_fails_streams_fast_retries_scores_and_comes_back(tiny_di
             threads = looping_streams(s["address"], stop, streams, 4, timeout=30)
             threads += looping(s["address"], stop, scores, 4, _score_four)
             time.sleep(4)
-            pids = _replica_pids()
+            pids = replica_pids()
             assert len(pids) == 1
             scores_before_kill = scores["OK"]
             os.kill(int(pids[0]), signal.SIGKILL)
             deadline = time.monotonic() + 120
 
             def replaced() -> bool:
-                now = _replica_pids()
+                now = replica_pids()
                 running = serve.status().applications["polyglot"].deployments["LanguageModel"].replica_states
                 return bool(now) and now != pids and running.get("RUNNING", 0) == 1
 

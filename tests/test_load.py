@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-import subprocess
 import time
 
 import grpc
 import pytest
 
+from conftest import replica_pids
 from service.api.pb import lm_pb2, lm_pb2_grpc
 from service.client import Client
 from test_integration import server  # noqa: F401 - the module-scoped Ray Serve fixture
@@ -52,8 +52,7 @@ async def stream(stub, codes: collections.Counter, tokens: list[int] | None = No
 
 
 def _replica_rss_mb() -> float:
-    (pid,) = subprocess.run(["pgrep", "-f", "ServeReplica:polyglot:LanguageModel"], capture_output=True,
-                            text=True).stdout.split()
+    (pid,) = replica_pids()
     with open(f"/proc/{pid}/status") as f:
         kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return kb / 1024

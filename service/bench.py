@@ -537,8 +537,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 32, steps: int = 50) -> dict:
-    """Where a decode step's time goes, without the serving layer: step time with and without the CUDA graph
-    at several batch sizes, and the top kernels of one eager batch-1 step (torch.profiler)."""
+    """Where a decode step's time goes, without the serving layer: step time eager, in a CUDA graph, and in
+    graphs launched back to back as the pipelined scheduler does (decode_again), with the torch glue and with
+    the fused Triton kernels (engine/fused.py), at several batch sizes; and the top kernels of eager batch-1
+    steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     from .engine import loader
@@ -546,28 +548,39 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
     from .engine.neox import NeoxRunner
 
     lm = loader.load(ModelConfig(model=model))
-    runner = NeoxRunner(lm.model, max(batches), min(lm.max_context, 1024), use_graphs=True)
     res: dict = {"device": torch.cuda.get_device_name(0), "steps": {}}
-    for b in batches:
-        runner.prefill_new(list(range(b)), [[5 + i % 100] * prompt_len for i in range(b)])
-        row = {}
-        for graphs in (False, True):
-            runner.use_graphs = graphs
-            tokens, pos = [7] * b, [prompt_len] * b
-            runner.decode(tokens, pos)  # warm-up / capture
+    tables = []
+    for fused in (False, True):
+        runner = NeoxRunner(lm.model, max(batches), min(lm.max_context, 1024), use_graphs=True, fused_decode=fused)
+        assert runner.fused == fused, "fused kernels failed their start-up check (see the log)"
+        for b in batches:
+            runner.prefill_new(list(range(b)), [[5 + i % 100] * prompt_len for i in range(b)])
+            row = {}
+            for mode in ("eager", "graph", "pipelined"):
+                runner.use_graphs = mode != "eager"
+                tokens, pos = [7] * b, [prompt_len] * b
+                runner.decode(tokens, pos)  # warm-up / capture
+                _sync()
+                t = time.perf_counter()
+                for i in range(steps):
+                    if mode == "pipelined":
+                        runner.decode_again(b, prompt_len + 1 + i)
+                    else:
+                        runner.decode(tokens, pos)
+                _sync()
+                row[f"{mode}_ms"] = (time.perf_counter() - t) / steps * 1000
+            res["steps"][f"{'fused' if fused else 'torch'} b={b}"] = row
+            print(b, fused, row, flush=True)
+        runner.use_graphs = False
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                runner.decode([7], [prompt_len])
             _sync()
-            t = time.perf_counter()
-            for _ in range(steps):
-                runner.decode(tokens, pos)
-            _sync()
-            row["graph_ms" if graphs else "eager_ms"] = (time.perf_counter() - t) / steps * 1000
-        res["steps"][str(b)] = row
-    runner.use_graphs = False
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            runner.decode([7], [prompt_len])
-        _sync()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+        tables.append(f"{'fused glue' if fused else 'torch glue'}: 5 eager batch-1 steps\n"
+                      + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        del runner
+        torch.cuda.empty_cache()
+    table = "\n\n".join(tables)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode-profile.txt").write_text(table)
     (out / "decode-profile.json").write_text(json.dumps(res, indent=2))

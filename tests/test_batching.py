@@ -90,3 +90,75 @@ def test_queue_limit_raises_queue_full(engine_small):
 
     results = run(main())
     assert all(r[-1].finish_reason == "length" for r in results)
+
+
+def test_pipelined_greedy_steps_equal_transformers(engine_fp32, hf_fp32, monkeypatch):
+    """Plain greedy streams run ahead of the host (the next step is launched before this one's tokens are
+    read back): the tokens must still be transformers' own, streams that end on end-of-text or a stop
+    sequence mid-pipeline must end exactly there, and a stream arriving later must join cleanly."""
+    tok = engine_fp32.lm.tokenizer
+    runner = engine_fp32.runner
+    calls = []
+    orig = runner.decode_again
+    monkeypatch.setattr(runner, "decode_again", lambda n, p: calls.append(n) or orig(n, p))
+    prompts = ["오늘은 날씨가", "서울의 봄은 벚꽃과 함께", "나는", "우리 가족은 주말마다 공원에서 산책을"]
+    limits = [40, 7, 25, 40]
+
+    async def main():
+        first = [asyncio.ensure_future(_collect(engine_fp32, p, GenerationParams(max_new_tokens=m)))
+                 for p, m in zip(prompts[:3], limits)]
+        await asyncio.sleep(0.05)  # the last one joins a batch already decoding
+        last = await _collect(engine_fp32, prompts[3], GenerationParams(max_new_tokens=limits[3]))
+        return await asyncio.gather(*first) + [last]
+
+    results = run(main())
+    assert calls, "no step ran ahead of the host"
+    ended = set()
+    for p, m, chunks in zip(prompts, limits, results):
+        ids = encode(tok, p)
+        ref = hf_fp32.generate(torch.tensor([ids]), max_new_tokens=m, do_sample=False,
+                               pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        assert _tokens(chunks) == ref
+        assert "".join(c.text for c in chunks) == tok.decode([t for t in ref if t != tok.eos_token_id])
+        ended.add(chunks[-1].finish_reason)
+    assert ended == {"eos", "length"}  # both ways of ending happened while running ahead
+
+    # A stop sequence found one token late still cuts at the same text and token count.
+    solo = run(_collect(engine_fp32, prompts[0], GenerationParams(max_new_tokens=40, min_new_tokens=40)))
+    text = "".join(c.text for c in solo)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = run(_collect(engine_fp32, prompts[0], GenerationParams(max_new_tokens=40, stop=(stop,))))
+    assert cut[-1].finish_reason == "stop"
+    assert "".join(c.text for c in cut) == text[: text.index(stop)]
+
+    async def drained():  # finished sequences leave at the engine's next step
+        for _ in range(100):
+            if engine_fp32.generation_load()[:2] == (0, 0):
+                return True
+            await asyncio.sleep(0.01)
+
+    assert run(drained())
+
+
+def test_slow_reader_gets_merged_chunks_with_the_same_tokens(engine_fp32):
+    """A consumer slower than the engine receives several tokens per chunk, and exactly the same tokens, text,
+    logprobs and ending as one that keeps up."""
+    params = GenerationParams(max_new_tokens=30, min_new_tokens=30, logprobs=True, top_logprobs=2)
+    fast = run(_collect(engine_fp32, "오늘은 날씨가", params))
+
+    async def slow():
+        out = []
+        async for c, _ in engine_fp32.generate(encode(engine_fp32.lm.tokenizer, "오늘은 날씨가"), params):
+            out.append(c)
+            await asyncio.sleep(0.02)
+        return out
+
+    merged = run(slow())
+    assert len(_tokens(fast)) == 30 and len(merged) < len(fast) / 2
+    assert _tokens(merged) == _tokens(fast)
+    assert "".join(c.text for c in merged) == "".join(c.text for c in fast)
+    assert [x for c in merged for x in c.logprobs] == pytest.approx([x for c in fast for x in c.logprobs], abs=1e-5)
+    assert [x for c in merged for x in c.top_ids] == [x for c in fast for x in c.top_ids]
+    assert merged[-1].finish_reason == fast[-1].finish_reason == "length"
+    assert [c.generated_tokens for c in merged] == sorted({c.generated_tokens for c in merged})
+    assert merged[-1].generated_tokens == 30

@@ -142,21 +142,24 @@ def test_stop_sequence_cuts_text(engine_fp32):
 
 def test_min_new_tokens_suppresses_eos(engine_fp32):
     chunks = _generate(engine_fp32, "오늘은 날씨가", GenerationParams(max_new_tokens=30, min_new_tokens=25))
-    assert len(chunks) >= 25
-    eos = engine_fp32.lm.eos_token_id
-    assert eos not in [t for c in chunks[:25] for t in c.token_ids]
+    ids = [t for c in chunks for t in c.token_ids]  # a chunk may carry several tokens
+    assert len(ids) >= 25
+    assert engine_fp32.lm.eos_token_id not in ids[:25]
 
 
 def test_logprobs_of_generated_tokens(engine_fp32, hf_fp32):
     tok = engine_fp32.lm.tokenizer
     chunks = _generate(engine_fp32, "서울의 봄은", GenerationParams(max_new_tokens=5, logprobs=True, top_logprobs=2))
-    ids = encode(tok, "서울의 봄은") + [c.token_ids[0] for c in chunks]
+    gen = [t for c in chunks for t in c.token_ids]  # a chunk may carry several tokens
+    lps, tops = [x for c in chunks for x in c.logprobs], [x for c in chunks for x in c.top_ids]
+    assert len(gen) == len(lps) == len(tops) == chunks[-1].generated_tokens
+    ids = encode(tok, "서울의 봄은") + gen
     with torch.no_grad():
         logp = torch.log_softmax(hf_fp32(torch.tensor([ids])).logits.float(), -1)[0]
     n0 = len(encode(tok, "서울의 봄은"))
-    for k, c in enumerate(chunks):
-        assert c.logprobs[0] == pytest.approx(float(logp[n0 - 1 + k, c.token_ids[0]]), abs=1e-4)
-        assert c.top_ids[0][0] == c.token_ids[0]  # greedy picks the top token
+    for k, t in enumerate(gen):
+        assert lps[k] == pytest.approx(float(logp[n0 - 1 + k, t]), abs=1e-4)
+        assert tops[k][0] == t  # greedy picks the top token
 
 
 def test_prompt_plus_max_new_tokens_over_window_rejected(engine_fp32):

@@ -15,7 +15,7 @@ from . import loader
 from .batching import ScoreBatcher
 from .config import EngineConfig
 from .errors import InvalidRequest, NotReady
-from .generation import Chunk, GenerationParams, Sequence
+from .generation import Chunk, GenerationParams, Sequence, merge
 from .neox import NeoxForward, NeoxRunner
 from .scheduler import Scheduler
 from .scoring import PairResult, Scorer, group_choices, layout
@@ -57,7 +57,8 @@ class Engine:
         g = cfg.generation
         if self.lm.device.type == "cuda":
             self.scorer.warm_up(min(max_tokens, self.window * cfg.batch.max_batch_pairs), min(1024, self.window))
-        self.runner = NeoxRunner(self.lm.model, self._plan_slots(), self.window, g.cuda_graphs)
+        self.runner = NeoxRunner(self.lm.model, self._plan_slots(), self.window, g.cuda_graphs, g.fused_decode,
+                                 eos_id=self.lm.eos_token_id)
         self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
         kv_gib = self.runner.max_slots * NeoxRunner.kv_bytes_per_slot(self.lm.model, self.window, self.lm.compute_dtype)
@@ -160,9 +161,12 @@ class Engine:
             )
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[tuple[Chunk, int]]:
-        """Yield (chunk, seed) once per generated token until a chunk carries finish_reason. The request
-        joins the running batch at the next engine step; a consumer that stops iterating (client
-        cancelled, deadline) leaves the batch at the step after and frees its KV slot."""
+        """Yield (chunk, seed) until a chunk carries finish_reason: one token per chunk while the consumer keeps
+        up, else every token produced since it last asked, in one chunk (per-message costs of a stream
+        through Ray are ~1 ms, more than a decode step; merging keeps a slow reader from slowing the
+        engine). The request joins the running batch at the next engine step; a consumer that stops
+        iterating (client cancelled, deadline) leaves the batch at the step after and frees its KV slot.
+        Inter-token gaps in the stats: a chunk of m tokens counts m gaps of (time since the last chunk) / m."""
         self.check_generation(prompt_ids, params)
         seq = Sequence(prompt_ids, params, self.lm.tokenizer, self.lm.device)
         seq.sink = asyncio.Queue()
@@ -173,14 +177,17 @@ class Engine:
         last, gaps, ttft, reason = None, [], 0.0, "cancelled"
         try:
             while True:
-                chunk = await seq.sink.get()
-                if isinstance(chunk, BaseException):
-                    raise chunk
+                got = [await seq.sink.get()]
+                while not seq.sink.empty() and not isinstance(got[-1], BaseException):
+                    got.append(seq.sink.get_nowait())
+                if isinstance(got[-1], BaseException):  # the engine step failed: chunks before it are moot
+                    raise got[-1]
+                chunk = merge(got)
                 now = time.monotonic()
                 if last is None:
                     ttft = now - t0
                 else:
-                    gaps.append(now - last)
+                    gaps.extend([(now - last) / len(got)] * len(got))
                 last = now
                 yield chunk, seq.seed
                 if chunk.finish_reason is not None:

@@ -37,6 +37,15 @@ class Chunk:
     generated_tokens: int
 
 
+def merge(chunks: list[Chunk]) -> Chunk:
+    """Consecutive chunks of one sequence as one (a stream whose reader fell behind the engine)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return Chunk("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
+                 [x for c in chunks for x in c.logprobs], [x for c in chunks for x in c.top_ids],
+                 [x for c in chunks for x in c.top_logprobs], chunks[-1].finish_reason, chunks[-1].generated_tokens)
+
+
 class StopMatcher:
     """Finds stop sequences in streamed text, holding back any tail that could still become one,
     so that a client never receives text that a later stop match would have cut."""

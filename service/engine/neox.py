@@ -8,8 +8,14 @@ which cost more than the nf4 matmuls themselves.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+from . import fused
+
+log = logging.getLogger(__name__)
 
 
 def _buckets(limit: int, first: int) -> list[int]:
@@ -68,17 +74,19 @@ class NeoxForward:
         out[..., half : self.rot] = r2 * c + r1 * s
         return out
 
-    def _block(self, layer, x: torch.Tensor, attend) -> torch.Tensor:
-        """One transformer layer; `attend(q, k, v)` stores k/v in the cache and returns attention output."""
+    def _block(self, li: int, x: torch.Tensor, attend) -> torch.Tensor:
+        """Layer li; `attend(q, k, v)` stores k/v in the cache and returns attention output."""
         B, T, D = x.shape
-        qkv = layer.attention.query_key_value(layer.input_layernorm(x))  # [B, T, 3D]
+        attn = self.layers[li].attention
+        qkv = attn.query_key_value(self.layers[li].input_layernorm(x))  # [B, T, 3D]
         q, k, v = qkv.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
         a = attend(q, k, v)  # [B, H, T, hd]
-        a = layer.attention.dense(a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
-        return self._residual(layer, x, a)
+        a = attn.dense(a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
+        return self._residual(li, x, a)
 
-    def _residual(self, layer, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The rest of a layer after attention output a: the MLP and the residual sums (any leading shape)."""
+    def _residual(self, li: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The rest of layer li after attention output a: the MLP and the residual sums (any leading shape)."""
+        layer = self.layers[li]
         if self.parallel:
             return x + a + layer.mlp(layer.post_attention_layernorm(x))
         x = x + a
@@ -102,14 +110,14 @@ class NeoxForward:
         x = self.embed(ids.reshape(-1).to(dev)[flat]).to(self.dtype)  # [N, D]
         cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
         padded = torch.zeros((B * T, 3 * D), dtype=self.dtype, device=dev)  # [B*T, 3D], reused by every layer
-        for layer in self.layers:
+        for li, layer in enumerate(self.layers):
             padded[flat] = layer.attention.query_key_value(layer.input_layernorm(x))  # [N, 3D] into the rows
             q, k, v = padded.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             # Right padding with causal attention is exact: real tokens never attend to the pads after them.
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
             a = layer.attention.dense(a.transpose(1, 2).reshape(B * T, D)[flat])  # [N, D]
-            x = self._residual(layer, x, a)
+            x = self._residual(li, x, a)
         out = torch.zeros((B * T, D), dtype=self.dtype, device=dev)
         out[flat] = self.final_ln(x)
         return out.view(B, T, D)
@@ -135,14 +143,14 @@ class NeoxForward:
         kb = [torch.empty((G, self.H, L, self.hd), dtype=self.dtype, device=dev) for _ in self.layers]  # L x [G, H, L, hd]
         vb = [torch.empty_like(k) for k in kb]
         x = self.embed(ids.to(dev)).to(self.dtype)  # [G, P, D]
-        for li, layer in enumerate(self.layers):
+        for li in range(len(self.layers)):
             def attend(q, k, v, li=li):
                 q, k = self._rope(q, self.cos[:P], self.sin[:P]), self._rope(k, self.cos[:P], self.sin[:P])
                 kb[li][:, :, :P] = k
                 vb[li][:, :, :P] = v
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-            x = self._block(layer, x, attend)
+            x = self._block(li, x, attend)
         del x
 
         plen = torch.tensor([len(p) for p in prefixes], device=dev)  # [G]
@@ -160,14 +168,14 @@ class NeoxForward:
             ((jj // S)[None, :] == (i // S)[:, None]) & ((jj % S)[None, :] <= (i % S)[:, None]),  # own block, causal
         )[:, None]  # [G, 1, C*S, L]
         x = self.embed(ids.to(dev)).to(self.dtype)  # [G, C*S, D]
-        for li, layer in enumerate(self.layers):
+        for li in range(len(self.layers)):
             def attend(q, k, v, li=li):
                 q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
                 kb[li][:, :, P:] = k
                 vb[li][:, :, P:] = v
                 return F.scaled_dot_product_attention(q, kb[li], vb[li], attn_mask=mask)
 
-            x = self._block(layer, x, attend)
+            x = self._block(li, x, attend)
         h = self.final_ln(x)  # [G, C*S, D]
         rows = torch.tensor(group, device=dev)[:, None]  # [R, 1]
         cols = (torch.tensor(member, device=dev) * S)[:, None] + torch.arange(S, device=dev)[None, :]  # [R, S]
@@ -178,9 +186,17 @@ class NeoxRunner(NeoxForward):
     """Call order: prefill(slot, ids, start) for each chunk of a new sequence, then decode(tokens, positions)
     for all n running sequences at once (they occupy slots 0..n-1); move(src, dst, length) keeps slots compact."""
 
-    def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int, use_graphs: bool):
+    def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int, use_graphs: bool, fused_decode: bool = True,
+                 eos_id: int | None = None):
         super().__init__(model, max_len)
         dev = self.device
+        self.eos_id = eos_id
+        self.fused = False
+        if fused_decode and dev.type == "cuda":
+            problem = self.fused_problem()
+            if problem:
+                log.warning("fused decode kernels off, the decode step runs its torch code: %s", problem)
+            self.fused = problem is None
         self.max_slots = max_slots
         shape = (max_slots, self.H, max_len, self.hd)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]  # L x [S, H, Tmax, hd]
@@ -191,7 +207,10 @@ class NeoxRunner(NeoxForward):
         self.len_buckets = _buckets(max_len, 256)
         self._tok = torch.zeros(max_slots, dtype=torch.long, device=dev)  # static graph inputs
         self._pos = torch.zeros(max_slots, dtype=torch.long, device=dev)
+        self._no_eos = torch.zeros(max_slots, dtype=torch.bool, device=dev)  # rows whose next choice may not be eos
+        self._no_eos_host: list[bool] = []
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._fetch_bufs = [torch.empty(max_slots, dtype=torch.long, pin_memory=True) for _ in range(2)] if dev.type == "cuda" else []
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @staticmethod
@@ -211,7 +230,7 @@ class NeoxRunner(NeoxForward):
         if start > 0:
             mask = torch.arange(end, device=self.device)[None, :] <= torch.arange(start, end, device=self.device)[:, None]
 
-        for li, layer in enumerate(self.layers):
+        for li in range(len(self.layers)):
             def attend(q, k, v, li=li):
                 q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
                 self.k[li][slot, :, start:end] = k[0]
@@ -219,7 +238,7 @@ class NeoxRunner(NeoxForward):
                 K, V = self.k[li][slot : slot + 1, :, :end], self.v[li][slot : slot + 1, :, :end]  # [1, H, end, hd]
                 return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=mask is None)
 
-            x = self._block(layer, x, attend)
+            x = self._block(li, x, attend)
         return self._logits(x[:, -1])[0]
 
     @torch.inference_mode()
@@ -232,14 +251,14 @@ class NeoxRunner(NeoxForward):
         x = self.embed(ids.to(self.device)).to(self.dtype)  # [n, T, D]
         cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
         idx = torch.tensor(slots, device=self.device)
-        for li, layer in enumerate(self.layers):
+        for li in range(len(self.layers)):
             def attend(q, k, v, li=li):
                 q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
                 self.k[li][idx, :, :T] = k
                 self.v[li][idx, :, :T] = v
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-            x = self._block(layer, x, attend)
+            x = self._block(li, x, attend)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._logits(x[torch.arange(n, device=self.device), last])  # [n, V]
 
@@ -250,27 +269,120 @@ class NeoxRunner(NeoxForward):
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, rot]
         rows = torch.arange(B, device=self.device)
         mask = (torch.arange(T, device=self.device)[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, T]
-        for li, layer in enumerate(self.layers):
-            def attend(q, k, v, li=li):
-                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                self.k[li][rows, :, pos] = k[:, :, 0]
-                self.v[li][rows, :, pos] = v[:, :, 0]
-                return F.scaled_dot_product_attention(q, self.k[li][:B, :, :T], self.v[li][:B, :, :T], attn_mask=mask)
+        if self.fused:
+            x = x[:, 0]  # [B, D]
+            for li in range(len(self.layers)):
+                x = self._decode_layer_fused(li, x, pos, T, mask)
+            logits = self._logits(x)  # [B, V]
+        else:
+            for li in range(len(self.layers)):
+                def attend(q, k, v, li=li):
+                    q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                    self.k[li][rows, :, pos] = k[:, :, 0]
+                    self.v[li][rows, :, pos] = v[:, :, 0]
+                    return F.scaled_dot_product_attention(q, self.k[li][:B, :, :T], self.v[li][:B, :, :T], attn_mask=mask)
 
-            x = self._block(layer, x, attend)
-        return self._logits(x[:, 0])  # [B, V]
+                x = self._block(li, x, attend)
+            logits = self._logits(x[:, 0])  # [B, V]
+        # Leave the greedy choice and the next position as the next step's inputs (see decode_again);
+        # the clamp keeps idle padding rows, which advance too, inside the cache. Rows under min_new_tokens
+        # choose without end-of-text; the logits returned stay the model's own.
+        if self.eos_id is not None:
+            eos = logits[:, self.eos_id].clone()  # [B]
+            logits[:, self.eos_id] = torch.where(self._no_eos[:B], float("-inf"), eos)
+            self._tok[:B] = logits.argmax(-1)
+            logits[:, self.eos_id] = eos
+        else:
+            self._tok[:B] = logits.argmax(-1)
+        self._pos[:B] = (pos + 1).clamp(max=self.max_len - 1)
+        return logits
+
+    def _decode_layer_fused(self, li: int, x: torch.Tensor, pos: torch.Tensor, T: int, mask: torch.Tensor) -> torch.Tensor:
+        """Layer li of a decode step, x [B, D], with its glue in the Triton kernels of engine/fused.py: both layer
+        norms in one pass (parallel residual), rotary embedding and the cache write in another."""
+        B = x.shape[0]
+        layer = self.layers[li]
+        attn = layer.attention
+        if self.parallel:
+            h, h_mlp = fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [B, D]
+        else:
+            h = layer.input_layernorm(x)
+        q = fused.rope_store(attn.query_key_value(h), self.cos, self.sin, pos, self.k[li], self.v[li],
+                             self.H, self.hd, self.rot)  # [B, H, 1, hd]
+        a = F.scaled_dot_product_attention(q, self.k[li][:B, :, :T], self.v[li][:B, :, :T], attn_mask=mask)  # [B, H, 1, hd]
+        a = attn.dense(a.reshape(B, -1))  # [B, D]
+        if self.parallel:
+            return x + a + layer.mlp(h_mlp)
+        return self._residual(li, x, a)
+
+    def fused_problem(self, tol: float = 1e-2) -> str | None:
+        """Why the fused decode kernels must not be used here (no Triton, no compiler, results unlike the torch
+        code), or None: run once at start on random inputs against the torch code they replace."""
+        if fused.triton is None:
+            return "Triton is not installed"
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            B, L, D = 2, 8, self.H * self.hd
+            pos = torch.tensor([3, 6], device=self.device)
+            qkv = torch.randn(B, 3 * D, generator=g).to(self.device, self.dtype)  # [B, 3D]
+            kc, vc = (torch.zeros(B, self.H, L, self.hd, dtype=self.dtype, device=self.device) for _ in range(2))
+            q = fused.rope_store(qkv, self.cos, self.sin, pos, kc, vc, self.H, self.hd, self.rot)
+            rq, rk, rv = qkv.view(B, 1, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, 1, hd]
+            cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
+            rows = torch.arange(B, device=self.device)
+            pairs = [(q, self._rope(rq, cos, sin)), (kc[rows, :, pos], self._rope(rk, cos, sin)[:, :, 0]),
+                     (vc[rows, :, pos], rv[:, :, 0])]
+            layer = self.layers[0]
+            x = torch.randn(B, D, generator=g).to(self.device, self.dtype)
+            pairs += zip(fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm),
+                         (layer.input_layernorm(x), layer.post_attention_layernorm(x)))
+            err = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+            if not err <= tol:
+                return f"fused kernels differ from the torch code by {err:.2e}"
+        except Exception as e:  # noqa: BLE001 - e.g. Triton cannot compile on this host
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def _batch(self, n: int) -> int:
+        return next(b for b in self.batch_buckets if b >= n) if self.use_graphs else n
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Next-token logits [n, V] (float32) for the n sequences in slots 0..n-1, fed `tokens` at `positions`."""
-        n = len(tokens)
-        B = next(b for b in self.batch_buckets if b >= n) if self.use_graphs else n
-        T = next(t for t in self.len_buckets if t > max(positions))
+        n, B = len(tokens), self._batch(len(tokens))
         self._tok[:n] = torch.tensor(tokens)
         self._pos[:n] = torch.tensor(positions)
         if B > n:  # padding rows write into free slots at position 0: harmless, prefill overwrites
             self._tok[n:B] = 0
             self._pos[n:B] = 0
+        return self._step(n, max(positions))
+
+    @torch.inference_mode()
+    def decode_again(self, n: int, max_position: int) -> torch.Tensor:
+        """The step after a decode() or decode_again() of the same n sequences, each fed the argmax token that
+        step chose, at the next position, without the host reading it first (so the host's work on one
+        token overlaps the GPU's next step). max_position: the largest position fed now. Logits [n, V]."""
+        return self._step(n, max_position)
+
+    def forbid_eos(self, rows: list[bool]) -> None:
+        """Which of the n running rows' next greedy choice (left by the GPU for decode_again) must not be
+        end-of-text (min_new_tokens). Copied to the GPU only when it changes."""
+        if rows != self._no_eos_host:
+            self._no_eos[: len(rows)] = torch.tensor(rows)
+            self._no_eos_host = list(rows)
+
+    def next_tokens(self, n: int) -> "TokenFetch":
+        """The argmax tokens [n] the last step left for the next one, copied to the host without blocking.
+        Two pinned buffers in turn: a fetch is always waited on before the one after next is made."""
+        pinned = None
+        if self._tok.is_cuda:
+            self._fetch_bufs.reverse()
+            pinned = self._fetch_bufs[0]
+        return TokenFetch(self._tok[:n], pinned)
+
+    def _step(self, n: int, max_position: int) -> torch.Tensor:
+        B = self._batch(n)
+        T = next(t for t in self.len_buckets if t > max_position)
         if not self.use_graphs:
             return self._decode_eager(B, T)
         key = (B, T)
@@ -305,3 +417,23 @@ class NeoxRunner(NeoxForward):
         for k, v in zip(self.k, self.v):
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
+
+
+class TokenFetch:
+    """A device-to-host copy of a few token ids in flight: wait() returns them once the GPU has produced them."""
+
+    def __init__(self, tokens: torch.Tensor, pinned: torch.Tensor | None):
+        if pinned is None:
+            self._ready = tokens.tolist()
+            return
+        self._ready = None
+        self._buf = pinned[: tokens.numel()]
+        self._buf.copy_(tokens, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> list[int]:
+        if self._ready is None:
+            self._event.synchronize()
+            self._ready = self._buf.tolist()
+        return self._ready

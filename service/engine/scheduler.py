@@ -8,7 +8,7 @@ import torch
 
 from .errors import QueueFull
 from .generation import Chunk, Sequence, accept, choose
-from .neox import NeoxRunner
+from .neox import NeoxRunner, TokenFetch
 
 
 class Scheduler:
@@ -19,6 +19,12 @@ class Scheduler:
     prompt tokens of prefill (so a long newcomer delays running streams by one chunk, not by its
     whole prompt; short newcomers are prefilled several per step), then one batched decode step for
     every running sequence, and returns the chunks produced, in the form [(sequence, chunk)].
+
+    Pipelining: while the batch stays the same and every sequence is plain greedy, a step launches the
+    next decode step on the GPU (fed the argmax tokens the GPU already holds) before it reads its own
+    tokens back and detokenizes them, so host work and the event loop's round trip hide behind the
+    GPU. A sequence that ends on a token (end-of-text, stop sequence) has one wasted row in the step
+    already launched, which is discarded.
     """
 
     def __init__(self, runner: NeoxRunner, eos_id: int, max_waiting: int, prefill_chunk: int = 512):
@@ -28,6 +34,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # running[i] lives in KV slot i
+        self._pending: tuple[list[Sequence], TokenFetch] | None = None  # a launched step not yet read back
         self._lock = threading.Lock()
 
     @property
@@ -58,6 +65,7 @@ class Scheduler:
         with self._lock:
             dropped = self.running + list(self.waiting)
             self.running, self.waiting = [], collections.deque()
+            self._pending = None
         return dropped
 
     def _remove(self, seq: Sequence) -> None:
@@ -72,6 +80,8 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, Chunk]]:
+        if self._pending is not None:
+            return self._step_pipelined()
         out: list[tuple[Sequence, Chunk]] = []
         for seq in [s for s in self.running if s.cancelled or s.finish_reason]:
             self._remove(seq)
@@ -120,9 +130,40 @@ class Scheduler:
             return out
         tokens = [s.generated[-1] if r else 0 for s, r in zip(self.running, ready)]
         positions = [s.length - 1 if r else min(s.prefilled, s.length - 1) for s, r in zip(self.running, ready)]
+        self.runner.forbid_eos([r and s.needs_eos_mask for s, r in zip(self.running, ready)])
         logits = self.runner.decode(tokens, positions)  # [n, V]
+        if all(ready) and all(self._greedy_only(s, 0) for s in self.running):
+            self._pending = (list(self.running), self.runner.next_tokens(len(self.running)))
+            return out
         rows = [i for i, r in enumerate(ready) if r]
         out.extend(self._next_batch([self.running[i] for i in rows], logits[rows]))
+        return out
+
+    @staticmethod
+    def _greedy_only(seq: Sequence, ahead: int) -> bool:
+        """Whether seq's token `ahead` tokens after those accepted is the argmax (no sampling, penalty or
+        logprobs; end-of-text masked on the GPU while min_new_tokens is unmet) and within max_new_tokens, so
+        that the GPU may choose it and feed it on without the host."""
+        n, p = len(seq.generated) + ahead, seq.params
+        return (seq.simple_greedy and not p.logprobs and n < p.max_new_tokens
+                and not seq.cancelled and not seq.finish_reason)
+
+    def _step_pipelined(self) -> list[tuple[Sequence, Chunk]]:
+        """Launch the next greedy step if the batch is unchanged, then read back and accept the pending one."""
+        seqs, fetch = self._pending
+        self._pending = None
+        with self._lock:
+            admit = bool(self.waiting) and len(self.running) < self.slots
+        if (not admit and self.running == seqs and all(self._greedy_only(s, 1) for s in seqs)
+                and max(s.length for s in seqs) < self.runner.max_len):
+            # Each sequence's pending token sits at position s.length, the one after its accepted tokens.
+            self.runner.forbid_eos([len(s.generated) + 1 < s.params.min_new_tokens for s in seqs])
+            self.runner.decode_again(len(seqs), max(s.length for s in seqs))
+            self._pending = (seqs, self.runner.next_tokens(len(seqs)))
+        out = []
+        for s, tok in zip(seqs, fetch.wait()):
+            if not (s.cancelled or s.finish_reason):
+                out.append((s, accept(s, tok, self.eos_id, None)))
         return out
 
     def _next_batch(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Chunk]]:

@@ -49,6 +49,8 @@ class BenchConfig:
     gen_timeout_s: float = 120.0
     """Deadline of each Generate stream; a level that cannot finish in time reports errors, not a hang."""
     hflm_batch: int = 64
+    engine: dict = dataclasses.field(default_factory=dict)
+    """Engine settings for the service under test, {section: {key: value}} (--engine section.key=value)."""
 
     @classmethod
     def quick_config(cls, model: str) -> "BenchConfig":
@@ -361,7 +363,7 @@ def run_service(model: str, w: Workloads, cfg: BenchConfig) -> dict:
     start_ray(None, _free_port(), object_store_mb=1024 if gpu else 256)
     port = _free_port()
     serve_cfg = override(load_config(), model=model, num_gpus=1 if gpu else 0, grpc_port=port,
-                         http_port=_free_port(), replicas=1)
+                         http_port=_free_port(), replicas=1, engine=cfg.engine)
     t = time.perf_counter()
     deploy(serve_cfg, timeout_s=900)
     startup = time.perf_counter() - t
@@ -463,6 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gen-timeout", type=float, help="deadline of each Generate stream, seconds")
     ap.add_argument("--pairs", type=int, help="independent Score pairs")
     ap.add_argument("--mc-questions", type=int, help="multiple-choice questions")
+    ap.add_argument("--engine", action="append", default=[], metavar="SECTION.KEY=JSON",
+                    help="engine setting for the service under test, e.g. model.cudnn_attention=true (repeatable)")
     ap.add_argument("--profile-decode", action="store_true", help="GPU: time and profile the decode step only")
     ap.add_argument("--autoscale", action="store_true", help="multi-GPU: scale up under load and back down")
     ap.add_argument("--profile-score", action="store_true", help="Score in-process: throughput, kernels, invariance")
@@ -494,6 +498,10 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.pairs = args.pairs
     if args.mc_questions:
         cfg.mc_questions = args.mc_questions
+    for item in args.engine:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        cfg.engine.setdefault(section, {})[name] = json.loads(value)
 
     from .engine import loader
     from .engine.config import ModelConfig

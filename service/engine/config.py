@@ -24,6 +24,10 @@ class ModelConfig:
     """"auto" (cuda:0 when a GPU is visible, else cpu), "cpu", or "cuda:N"."""
     max_context: int = 0
     """Window in tokens; 0 takes the model's max_position_embeddings."""
+    cudnn_attention: bool = False
+    """Let torch use cuDNN's fused attention on the GPU. Off by default: cuDNN builds a kernel for each new
+    attention shape at its first use, which showed as slow first requests of each length (time to first
+    token, cold multiple-choice runs); flash and memory-efficient attention have no such cost."""
 
 
 @dataclasses.dataclass

@@ -112,6 +112,8 @@ def load(cfg: ModelConfig) -> LoadedModel:
     local = Path(cfg.model)
     revision = cfg.revision or (_local_revision(local) if local.is_dir() else "main")
     log.info("loaded %s (%s, %s) on %s", cfg.model, quant, dtype, device)
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide: one model per replica
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -266,15 +266,15 @@ class NeoxRunner(NeoxForward):
         """One token for each of the sequences in slots 0..B-1, attending to cache positions < T."""
         tok, pos = self._tok[:B], self._pos[:B]
         x = self.embed(tok)[:, None].to(self.dtype)  # [B, 1, D]
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, rot]
-        rows = torch.arange(B, device=self.device)
-        mask = (torch.arange(T, device=self.device)[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, T]
         if self.fused:
             x = x[:, 0]  # [B, D]
             for li in range(len(self.layers)):
-                x = self._decode_layer_fused(li, x, pos, T, mask)
+                x = self._decode_layer_fused(li, x, pos)
             logits = self._logits(x)  # [B, V]
         else:
+            cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, rot]
+            rows = torch.arange(B, device=self.device)
+            mask = (torch.arange(T, device=self.device)[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, T]
             for li in range(len(self.layers)):
                 def attend(q, k, v, li=li):
                     q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
@@ -297,9 +297,10 @@ class NeoxRunner(NeoxForward):
         self._pos[:B] = (pos + 1).clamp(max=self.max_len - 1)
         return logits
 
-    def _decode_layer_fused(self, li: int, x: torch.Tensor, pos: torch.Tensor, T: int, mask: torch.Tensor) -> torch.Tensor:
+    def _decode_layer_fused(self, li: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Layer li of a decode step, x [B, D], with its glue in the Triton kernels of engine/fused.py: both layer
-        norms in one pass (parallel residual), rotary embedding and the cache write in another."""
+        norms in one pass (parallel residual), rotary embedding and the cache write in another, attention over
+        the cache up to each row's position in a third."""
         B = x.shape[0]
         layer = self.layers[li]
         attn = layer.attention
@@ -309,7 +310,7 @@ class NeoxRunner(NeoxForward):
             h = layer.input_layernorm(x)
         q = fused.rope_store(attn.query_key_value(h), self.cos, self.sin, pos, self.k[li], self.v[li],
                              self.H, self.hd, self.rot)  # [B, H, 1, hd]
-        a = F.scaled_dot_product_attention(q, self.k[li][:B, :, :T], self.v[li][:B, :, :T], attn_mask=mask)  # [B, H, 1, hd]
+        a = fused.decode_attention(q, self.k[li], self.v[li], pos)  # [B, H, 1, hd]
         a = attn.dense(a.reshape(B, -1))  # [B, D]
         if self.parallel:
             return x + a + layer.mlp(h_mlp)
@@ -336,6 +337,10 @@ class NeoxRunner(NeoxForward):
             x = torch.randn(B, D, generator=g).to(self.device, self.dtype)
             pairs += zip(fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm),
                          (layer.input_layernorm(x), layer.post_attention_layernorm(x)))
+            kc.copy_(torch.randn(kc.shape, generator=g))
+            vc.copy_(torch.randn(vc.shape, generator=g))
+            mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, L]
+            pairs.append((fused.decode_attention(q, kc, vc, pos), F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)))
             err = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
             if not err <= tol:
                 return f"fused kernels differ from the torch code by {err:.2e}"

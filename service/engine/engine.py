@@ -6,6 +6,8 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import sys
+import threading
 import time
 from typing import AsyncIterator
 
@@ -34,6 +36,12 @@ class ScoreOptions:
     top_n: int = 0
 
 
+def _deliver(items: list) -> None:
+    """On a caller's event loop: hand each sequence its chunk (or the exception that ended it)."""
+    for seq, item in items:
+        seq.sink.put_nowait(item)
+
+
 class Engine:
     """One model replica. Call order: Engine(cfg) loads the model (blocking); then any number of
     concurrent score() / generate() / tokenize() calls from one asyncio loop; close() at the end."""
@@ -55,6 +63,8 @@ class Engine:
         self._max_batch_tokens = max_tokens
         self._closed = False
         g = cfg.generation
+        if g.gil_switch_interval_ms > 0:
+            sys.setswitchinterval(g.gil_switch_interval_ms / 1000)  # process-wide: one engine per replica
         if self.lm.device.type == "cuda":
             self.scorer.warm_up(min(max_tokens, self.window * cfg.batch.max_batch_pairs), min(1024, self.window))
         self.runner = NeoxRunner(self.lm.model, self._plan_slots(), self.window, g.cuda_graphs, g.fused_decode,
@@ -63,7 +73,8 @@ class Engine:
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
         kv_gib = self.runner.max_slots * NeoxRunner.kv_bytes_per_slot(self.lm.model, self.window, self.lm.compute_dtype)
         log.info("KV cache: %d slots of %d tokens (%.1f GiB)", self.runner.max_slots, self.window, kv_gib / 2**30)
-        self._gen_task: asyncio.Task | None = None
+        self._gen_running = False  # a generation step is queued or running on the model thread
+        self._gen_lock = threading.Lock()
 
     def _plan_slots(self) -> int:
         """KV-cache slots: the configured number, or what the free GPU memory holds."""
@@ -169,10 +180,12 @@ class Engine:
         Inter-token gaps in the stats: a chunk of m tokens counts m gaps of (time since the last chunk) / m."""
         self.check_generation(prompt_ids, params)
         seq = Sequence(prompt_ids, params, self.lm.tokenizer, self.lm.device)
-        seq.sink = asyncio.Queue()
+        seq.sink, seq.loop = asyncio.Queue(), asyncio.get_running_loop()
         self.scheduler.add(seq)
-        if self._gen_task is None or self._gen_task.done():
-            self._gen_task = asyncio.get_running_loop().create_task(self._generation_loop(), name="generation")
+        with self._gen_lock:
+            start, self._gen_running = not self._gen_running, True
+        if start:
+            self._model_thread.submit(self._generation_step)
         t0 = time.monotonic()
         last, gaps, ttft, reason = None, [], 0.0, "cancelled"
         try:
@@ -199,17 +212,31 @@ class Engine:
             if last is not None:
                 self.on_stats(GenerationStats(len(prompt_ids), len(seq.generated), ttft, gaps, reason))
 
-    async def _generation_loop(self) -> None:
-        """Engine steps on the model thread while any sequence runs or waits; chunks go to their callers."""
-        while self.scheduler.has_work():
+    def _generation_step(self) -> None:
+        """One engine step, on the model thread; while work remains it queues the next step itself, so steps
+        follow each other without a round trip through the event loop (busy sending up to hundreds of
+        stream messages per step), and Score batches queued meanwhile still run between two steps."""
+        try:
+            outputs = self.scheduler.step()
+        except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep the replica
+            outputs = [(seq, e) for seq in self.scheduler.abort()]
+        by_loop: dict = {}
+        for seq, item in outputs:
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+        for loop, items in by_loop.items():
             try:
-                outputs = await self._on_model_thread(self.scheduler.step)
-            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep the replica
-                for seq in self.scheduler.abort():
-                    seq.sink.put_nowait(e)
-                continue
-            for seq, chunk in outputs:
-                seq.sink.put_nowait(chunk)
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is waiting for these chunks
+                pass
+        with self._gen_lock:
+            self._gen_running = self.scheduler.has_work() and not self._closed
+            if not self._gen_running:
+                return
+        try:
+            self._model_thread.submit(self._generation_step)
+        except RuntimeError:  # the executor was shut down (close())
+            with self._gen_lock:
+                self._gen_running = False
 
     def generation_load(self) -> tuple[int, int, int]:
         """(running sequences, waiting sequences, KV-cache slots)."""

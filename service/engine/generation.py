@@ -94,7 +94,8 @@ class Sequence:
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.slot = -1
         self.cancelled = False
-        self.sink = None  # where the scheduler's caller delivers this sequence's chunks
+        self.sink = None  # where the scheduler's caller delivers this sequence's chunks (an asyncio.Queue)
+        self.loop = None  # the event loop that sink belongs to
 
     @property
     def length(self) -> int:

@@ -86,10 +86,6 @@ class GenerationConfig:
     """Requests waiting for a slot beyond this make Generate fail with "queue full" (RESOURCE_EXHAUSTED)."""
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (GPU only)."""
-    gil_switch_interval_ms: float = 0.5
-    """Python's thread switch interval in this process (sys.setswitchinterval; 0 keeps Python's 5 ms). The
-    model thread needs the interpreter back after every GPU wait while the event loop thread is busy sending
-    stream messages: a shorter interval bounds how long each step's host work waits for it."""
     fused_decode: bool = True
     """Run the decode step's rotary embedding, cache write and layer norms as the Triton kernels of
     engine/fused.py (GPU with Triton; checked against the torch code at start, which runs otherwise)."""

@@ -6,7 +6,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
-import sys
 import threading
 import time
 from typing import AsyncIterator
@@ -63,8 +62,6 @@ class Engine:
         self._max_batch_tokens = max_tokens
         self._closed = False
         g = cfg.generation
-        if g.gil_switch_interval_ms > 0:
-            sys.setswitchinterval(g.gil_switch_interval_ms / 1000)  # process-wide: one engine per replica
         if self.lm.device.type == "cuda":
             self.scorer.warm_up(min(max_tokens, self.window * cfg.batch.max_batch_pairs), min(1024, self.window))
         self.runner = NeoxRunner(self.lm.model, self._plan_slots(), self.window, g.cuda_graphs, g.fused_decode,

@@ -170,10 +170,10 @@ class Engine:
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[tuple[Chunk, int]]:
         """Yield (chunk, seed) until a chunk carries finish_reason: one token per chunk while the consumer keeps
-        up, else every token produced since it last asked, in one chunk (per-message costs of a stream
-        through Ray are ~1 ms, more than a decode step; merging keeps a slow reader from slowing the
-        engine). The request joins the running batch at the next engine step; a consumer that stops
-        iterating (client cancelled, deadline) leaves the batch at the step after and frees its KV slot.
+        up, else every token produced since it last asked, in one chunk (each stream message through Ray's
+        proxy costs host time on this interpreter; merging keeps a slow reader from slowing the engine).
+        The request joins the running batch at the next engine step; a consumer that stops iterating
+        (client cancelled, deadline) leaves the batch at the step after and frees its KV slot.
         Inter-token gaps in the stats: a chunk of m tokens counts m gaps of (time since the last chunk) / m."""
         self.check_generation(prompt_ids, params)
         seq = Sequence(prompt_ids, params, self.lm.tokenizer, self.lm.device)

@@ -22,8 +22,7 @@ class Scheduler:
 
     Pipelining: while the batch stays the same and every sequence is plain greedy, a step launches the
     next decode step on the GPU (fed the argmax tokens the GPU already holds) before it reads its own
-    tokens back and detokenizes them, so host work and the event loop's round trip hide behind the
-    GPU. A sequence that ends on a token (end-of-text, stop sequence) has one wasted row in the step
+    tokens back and detokenizes them, so host work hides behind the GPU. A sequence that ends on a token (end-of-text, stop sequence) has one wasted row in the step
     already launched, which is discarded.
     """
 

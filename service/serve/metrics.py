@@ -50,7 +50,7 @@ class Metrics:
             boundaries=_LATENCY,
         )
         self.itl = Histogram(
-            "polyglot_inter_token_latency_seconds", description="Generate: time between consecutive tokens.",
+            "polyglot_inter_token_latency_seconds", description="Generate: time between consecutive tokens (a message of m tokens counts m gaps of its wait / m).",
             boundaries=_LATENCY,
         )
 

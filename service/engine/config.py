@@ -87,8 +87,8 @@ class GenerationConfig:
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (GPU only)."""
     fused_decode: bool = True
-    """Run the decode step's rotary embedding, cache write and layer norms as the Triton kernels of
-    engine/fused.py (GPU with Triton; checked against the torch code at start, which runs otherwise)."""
+    """Run the decode step's rotary embedding, cache write, layer norms and attention as the Triton kernels
+    of engine/fused.py (GPU with Triton; checked against the torch code at start, which runs otherwise)."""
 
 
 @dataclasses.dataclass

@@ -102,9 +102,9 @@ class Sequence:
         """Tokens in the KV cache once the last generated token has been fed."""
         return len(self.prompt_ids) + len(self.generated)
 
-    @property
-    def needs_eos_mask(self) -> bool:
-        return len(self.generated) < self.params.min_new_tokens
+    def needs_eos_mask(self, ahead: int = 0) -> bool:
+        """Whether the token `ahead` tokens after those accepted may not be end-of-text (min_new_tokens)."""
+        return len(self.generated) + ahead < self.params.min_new_tokens
 
     @property
     def simple_greedy(self) -> bool:

@@ -84,11 +84,12 @@ class NeoxForward:
         a = attn.dense(a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
         return self._residual(li, x, a)
 
-    def _residual(self, li: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The rest of layer li after attention output a: the MLP and the residual sums (any leading shape)."""
+    def _residual(self, li: int, x: torch.Tensor, a: torch.Tensor, mlp_in: torch.Tensor | None = None) -> torch.Tensor:
+        """The rest of layer li after attention output a: the MLP and the residual sums (any leading shape).
+        mlp_in: post_attention_layernorm(x) when already computed (parallel residual only)."""
         layer = self.layers[li]
         if self.parallel:
-            return x + a + layer.mlp(layer.post_attention_layernorm(x))
+            return x + a + layer.mlp(layer.post_attention_layernorm(x) if mlp_in is None else mlp_in)
         x = x + a
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -272,9 +273,7 @@ class NeoxRunner(NeoxForward):
                 x = self._decode_layer_fused(li, x, pos)
             logits = self._logits(x)  # [B, V]
         else:
-            cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, rot]
-            rows = torch.arange(B, device=self.device)
-            mask = (torch.arange(T, device=self.device)[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, T]
+            cos, sin, rows, mask = self._decode_tables(pos, T)
             for li in range(len(self.layers)):
                 def attend(q, k, v, li=li):
                     q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
@@ -297,6 +296,13 @@ class NeoxRunner(NeoxForward):
         self._pos[:B] = (pos + 1).clamp(max=self.max_len - 1)
         return logits
 
+    def _decode_tables(self, pos: torch.Tensor, T: int):
+        """For one token per row at positions pos [B] over a cache of T positions: rotary cos and sin
+        [B, 1, 1, rot], the row indices [B], and the attention mask [B, 1, 1, T] (keys up to the row's own position)."""
+        rows = torch.arange(pos.shape[0], device=self.device)
+        mask = (torch.arange(T, device=self.device)[None, :] <= pos[:, None])[:, None, None]
+        return self.cos[pos][:, None, None], self.sin[pos][:, None, None], rows, mask
+
     def _decode_layer_fused(self, li: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Layer li of a decode step, x [B, D], with its glue in the Triton kernels of engine/fused.py: both layer
         norms in one pass (parallel residual), rotary embedding and the cache write in another, attention over
@@ -307,14 +313,12 @@ class NeoxRunner(NeoxForward):
         if self.parallel:
             h, h_mlp = fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [B, D]
         else:
-            h = layer.input_layernorm(x)
+            h, h_mlp = layer.input_layernorm(x), None
         q = fused.rope_store(attn.query_key_value(h), self.cos, self.sin, pos, self.k[li], self.v[li],
                              self.H, self.hd, self.rot)  # [B, H, 1, hd]
         a = fused.decode_attention(q, self.k[li], self.v[li], pos)  # [B, H, 1, hd]
         a = attn.dense(a.reshape(B, -1))  # [B, D]
-        if self.parallel:
-            return x + a + layer.mlp(h_mlp)
-        return self._residual(li, x, a)
+        return self._residual(li, x, a, h_mlp)
 
     def fused_problem(self, tol: float = 1e-2) -> str | None:
         """Why the fused decode kernels must not be used here (no Triton, no compiler, results unlike the torch
@@ -329,8 +333,7 @@ class NeoxRunner(NeoxForward):
             kc, vc = (torch.zeros(B, self.H, L, self.hd, dtype=self.dtype, device=self.device) for _ in range(2))
             q = fused.rope_store(qkv, self.cos, self.sin, pos, kc, vc, self.H, self.hd, self.rot)
             rq, rk, rv = qkv.view(B, 1, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, 1, hd]
-            cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]
-            rows = torch.arange(B, device=self.device)
+            cos, sin, rows, mask = self._decode_tables(pos, L)
             pairs = [(q, self._rope(rq, cos, sin)), (kc[rows, :, pos], self._rope(rk, cos, sin)[:, :, 0]),
                      (vc[rows, :, pos], rv[:, :, 0])]
             layer = self.layers[0]
@@ -339,7 +342,6 @@ class NeoxRunner(NeoxForward):
                          (layer.input_layernorm(x), layer.post_attention_layernorm(x)))
             kc.copy_(torch.randn(kc.shape, generator=g))
             vc.copy_(torch.randn(vc.shape, generator=g))
-            mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, L]
             pairs.append((fused.decode_attention(q, kc, vc, pos), F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)))
             err = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
             if not err <= tol:

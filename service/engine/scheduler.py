@@ -22,8 +22,8 @@ class Scheduler:
 
     Pipelining: while the batch stays the same and every sequence is plain greedy, a step launches the
     next decode step on the GPU (fed the argmax tokens the GPU already holds) before it reads its own
-    tokens back and detokenizes them, so host work hides behind the GPU. A sequence that ends on a token (end-of-text, stop sequence) has one wasted row in the step
-    already launched, which is discarded.
+    tokens back and detokenizes them, so host work hides behind the GPU. A sequence that ends on a token
+    (end-of-text, stop sequence) has one wasted row in the step already launched, which is discarded.
     """
 
     def __init__(self, runner: NeoxRunner, eos_id: int, max_waiting: int, prefill_chunk: int = 512):
@@ -129,7 +129,7 @@ class Scheduler:
             return out
         tokens = [s.generated[-1] if r else 0 for s, r in zip(self.running, ready)]
         positions = [s.length - 1 if r else min(s.prefilled, s.length - 1) for s, r in zip(self.running, ready)]
-        self.runner.forbid_eos([r and s.needs_eos_mask for s, r in zip(self.running, ready)])
+        self.runner.forbid_eos([r and s.needs_eos_mask() for s, r in zip(self.running, ready)])
         logits = self.runner.decode(tokens, positions)  # [n, V]
         if all(ready) and all(self._greedy_only(s, 0) for s in self.running):
             self._pending = (list(self.running), self.runner.next_tokens(len(self.running)))
@@ -153,11 +153,11 @@ class Scheduler:
         self._pending = None
         with self._lock:
             admit = bool(self.waiting) and len(self.running) < self.slots
-        if (not admit and self.running == seqs and all(self._greedy_only(s, 1) for s in seqs)
-                and max(s.length for s in seqs) < self.runner.max_len):
-            # Each sequence's pending token sits at position s.length, the one after its accepted tokens.
-            self.runner.forbid_eos([len(s.generated) + 1 < s.params.min_new_tokens for s in seqs])
-            self.runner.decode_again(len(seqs), max(s.length for s in seqs))
+        # Each sequence's pending token sits at position s.length, the one after its accepted tokens.
+        last = max(s.length for s in seqs)
+        if not admit and self.running == seqs and all(self._greedy_only(s, 1) for s in seqs) and last < self.runner.max_len:
+            self.runner.forbid_eos([s.needs_eos_mask(1) for s in seqs])
+            self.runner.decode_again(len(seqs), last)
             self._pending = (seqs, self.runner.next_tokens(len(seqs)))
         out = []
         for s, tok in zip(seqs, fetch.wait()):
@@ -169,7 +169,7 @@ class Scheduler:
         """Choose one token per sequence from logits [n, V]: greedy rows in one batched argmax."""
         # Logprobs describe the model's own distribution: taken before any masking.
         logp = torch.log_softmax(logits, -1) if any(s.params.logprobs for s in seqs) else None  # [n, V]
-        mask_rows = [i for i, s in enumerate(seqs) if s.needs_eos_mask]
+        mask_rows = [i for i, s in enumerate(seqs) if s.needs_eos_mask()]
         if mask_rows:
             logits[mask_rows, self.eos_id] = float("-inf")  # min_new_tokens: no end-of-text yet
         greedy = logits.argmax(-1).tolist() if any(s.simple_greedy for s in seqs) else None

@@ -29,6 +29,15 @@ def _tokens(chunks):
     return [t for c in chunks for t in c.token_ids]
 
 
+async def _drained(engine) -> bool:
+    """Whether no sequence runs or waits within a second (finished and cancelled ones leave at the next step)."""
+    for _ in range(100):
+        if engine.generation_load()[:2] == (0, 0):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 def test_concurrent_generations_equal_solo_runs(engine_fp32):
     solo = [run(_collect(engine_fp32, p, _params(i))) for i, p in enumerate(PROMPTS)]
 
@@ -67,10 +76,7 @@ def test_cancelled_stream_frees_its_slot(engine_small):
         got = [await gen.__anext__() for _ in range(3)]
         assert engine_small.generation_load()[0] == 1
         await gen.aclose()  # what a client cancel does to the replica's generator
-        for _ in range(100):
-            if engine_small.generation_load()[0] == 0:
-                break
-            await asyncio.sleep(0.01)
+        assert await _drained(engine_small)
         return got
 
     assert len(run(main())) == 3
@@ -130,14 +136,7 @@ def test_pipelined_greedy_steps_equal_transformers(engine_fp32, hf_fp32, monkeyp
     cut = run(_collect(engine_fp32, prompts[0], GenerationParams(max_new_tokens=40, stop=(stop,))))
     assert cut[-1].finish_reason == "stop"
     assert "".join(c.text for c in cut) == text[: text.index(stop)]
-
-    async def drained():  # finished sequences leave at the engine's next step
-        for _ in range(100):
-            if engine_fp32.generation_load()[:2] == (0, 0):
-                return True
-            await asyncio.sleep(0.01)
-
-    assert run(drained())
+    assert run(_drained(engine_fp32))
 
 
 def test_slow_reader_gets_merged_chunks_with_the_same_tokens(engine_fp32):

@@ -286,12 +286,13 @@ async def drive_score(stub, pb, requests: list[list[tuple[str, str]]], tokens: l
 async def drive_generate(stub, pb, prompt: str, n_streams: int, cfg: BenchConfig) -> dict:
     import grpc
 
-    ttft, itl, lat, errors, tokens = [], [], [], {}, 0
+    ttft, itl, lat, errors, tokens, starts = [], [], [], {}, 0, []
     params = pb.GenerationParameters(max_new_tokens=cfg.gen_tokens, min_new_tokens=cfg.gen_tokens, ignore_eos=True)
 
     async def one():
         nonlocal tokens
         t = time.perf_counter()
+        starts.append(t - t0)
         last, n = None, 0
         try:
             async for m in stub.GenerateStream(pb.GenerateRequest(text=prompt, parameters=params),
@@ -315,6 +316,7 @@ async def drive_generate(stub, pb, prompt: str, n_streams: int, cfg: BenchConfig
     return {
         "streams": n_streams, "completed": len(lat), "errors": errors, "seconds": dt, "tokens": tokens,
         "tokens_per_s": tokens / dt, "ttft_s": _lat(ttft), "itl_s": _lat(itl), "latency_s": _lat(lat),
+        "last_start_s": max(starts),
     }
 
 

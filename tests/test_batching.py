@@ -161,3 +161,24 @@ def test_slow_reader_gets_merged_chunks_with_the_same_tokens(engine_fp32):
     assert merged[-1].finish_reason == fast[-1].finish_reason == "length"
     assert [c.generated_tokens for c in merged] == sorted({c.generated_tokens for c in merged})
     assert merged[-1].generated_tokens == 30
+
+
+def test_streams_carry_several_tokens_per_message_under_load(engine_fp32, monkeypatch):
+    """With more sequences running than stream_messages_per_step, a stream's messages after the first carry
+    several tokens: fewer messages, the same tokens, text and ending as one message per token."""
+    params = GenerationParams(max_new_tokens=12, min_new_tokens=12)
+    prompts = PROMPTS[:3]
+
+    async def together():
+        return await asyncio.gather(*(_collect(engine_fp32, p, params) for p in prompts))
+
+    monkeypatch.setattr(engine_fp32.cfg.generation, "stream_messages_per_step", 0)
+    per_token = run(together())
+    monkeypatch.setattr(engine_fp32.cfg.generation, "stream_messages_per_step", 1)
+    grouped = run(together())
+    for a, b in zip(per_token, grouped):
+        assert _tokens(a) == _tokens(b) and len(_tokens(b)) == 12
+        assert "".join(c.text for c in a) == "".join(c.text for c in b)
+        assert b[-1].finish_reason == a[-1].finish_reason == "length"
+    # Three running, one message per step: about 1 + 11/3 messages per stream; per token it would be 12.
+    assert sum(len(b) for b in grouped) <= 3 * (1 + 6)

@@ -89,6 +89,11 @@ class GenerationConfig:
     fused_decode: bool = True
     """Run the decode step's rotary embedding, cache write, layer norms and attention as the Triton kernels
     of engine/fused.py (GPU with Triton; checked against the torch code at start, which runs otherwise)."""
+    stream_messages_per_step: int = 16
+    """While at most this many sequences run, every generated token is its own stream message; above it,
+    each message carries ceil(running / this) tokens (the first token always goes alone), so a replica
+    sends about this many stream messages per decode step whatever the load: each one costs host time in
+    Ray Serve's replica and proxy. 0: one message per token always."""
 
 
 @dataclasses.dataclass

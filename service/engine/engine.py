@@ -5,6 +5,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -170,8 +171,9 @@ class Engine:
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[tuple[Chunk, int]]:
         """Yield (chunk, seed) until a chunk carries finish_reason: one token per chunk while the consumer keeps
-        up, else every token produced since it last asked, in one chunk (each stream message through Ray's
-        proxy costs host time on this interpreter; merging keeps a slow reader from slowing the engine).
+        up and few sequences run, else every token produced since it last asked, and under load a few tokens
+        per chunk (each stream message through Ray's proxy costs host time on this interpreter; merging keeps
+        a slow reader or many streams from slowing the engine).
         The request joins the running batch at the next engine step; a consumer that stops iterating
         (client cancelled, deadline) leaves the batch at the step after and frees its KV slot.
         Inter-token gaps in the stats: a chunk of m tokens counts m gaps of (time since the last chunk) / m."""
@@ -187,9 +189,7 @@ class Engine:
         last, gaps, ttft, reason = None, [], 0.0, "cancelled"
         try:
             while True:
-                got = [await seq.sink.get()]
-                while not seq.sink.empty() and not isinstance(got[-1], BaseException):
-                    got.append(seq.sink.get_nowait())
+                got = await self._next_message(seq, first=last is None)
                 if isinstance(got[-1], BaseException):  # the engine step failed: chunks before it are moot
                     raise got[-1]
                 chunk = merge(got)
@@ -208,6 +208,21 @@ class Engine:
                 self.scheduler.cancel(seq)
             if last is not None:
                 self.on_stats(GenerationStats(len(prompt_ids), len(seq.generated), ttft, gaps, reason))
+
+    async def _next_message(self, seq: Sequence, first: bool) -> list:
+        """The chunks (one per token) for seq's next message: whatever is queued, waiting for more while the
+        load asks for several tokens per message (GenerationConfig.stream_messages_per_step); ends early at the
+        first token, the last one, or an exception from the engine step."""
+        got = [await seq.sink.get()]
+        while True:
+            while not seq.sink.empty() and not isinstance(got[-1], BaseException):
+                got.append(seq.sink.get_nowait())
+            if first or isinstance(got[-1], BaseException) or got[-1].finish_reason is not None:
+                return got
+            per_step = self.cfg.generation.stream_messages_per_step
+            if not per_step or len(got) >= math.ceil(len(self.scheduler.running) / per_step):
+                return got
+            got.append(await seq.sink.get())
 
     def _generation_step(self) -> None:
         """One engine step, on the model thread; while work remains it queues the next step itself, so steps

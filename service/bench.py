@@ -561,22 +561,24 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
     res: dict = {"device": torch.cuda.get_device_name(0), "steps": {}}
     tables = []
     for fused in (False, True):
-        runner = NeoxRunner(lm.model, max(batches), min(lm.max_context, 1024), use_graphs=True, fused_decode=fused)
+        window = min(lm.max_context, 1024)
+        runner = NeoxRunner(lm.model, max(batches), window, use_graphs=True, fused_decode=fused)
         assert runner.fused == fused, "fused kernels failed their start-up check (see the log)"
         for b in batches:
-            runner.prefill_new(list(range(b)), [[5 + i % 100] * prompt_len for i in range(b)])
+            bases = [i * window for i in range(b)]
+            runner.prefill_new(bases, [[5 + i % 100] * prompt_len for i in range(b)])
             row = {}
             for mode in ("eager", "graph", "pipelined"):
                 runner.use_graphs = mode != "eager"
                 tokens, pos = [7] * b, [prompt_len] * b
-                runner.decode(tokens, pos)  # warm-up / capture
+                runner.decode(tokens, pos, bases)  # warm-up / capture
                 _sync()
                 t = time.perf_counter()
                 for i in range(steps):
                     if mode == "pipelined":
                         runner.decode_again(b, prompt_len + 1 + i)
                     else:
-                        runner.decode(tokens, pos)
+                        runner.decode(tokens, pos, bases)
                 _sync()
                 row[f"{mode}_ms"] = (time.perf_counter() - t) / steps * 1000
             res["steps"][f"{'fused' if fused else 'torch'} b={b}"] = row
@@ -584,7 +586,7 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
         runner.use_graphs = False
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                runner.decode([7], [prompt_len])
+                runner.decode([7], [prompt_len], [0])
             _sync()
         tables.append(f"{'fused glue' if fused else 'torch glue'}: 5 eager batch-1 steps\n"
                       + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))

@@ -182,3 +182,39 @@ def test_streams_carry_several_tokens_per_message_under_load(engine_fp32, monkey
         assert b[-1].finish_reason == a[-1].finish_reason == "length"
     # Three running, one message per step: about 1 + 11/3 messages per stream; per token it would be 12.
     assert sum(len(b) for b in grouped) <= 3 * (1 + 6)
+
+
+def test_kv_cache_space_is_shared_by_what_requests_can_use(tiny_dir):
+    """A cache of one window's positions: four short requests run at once (full-window slots would hold one),
+    two requests that each need more than half of it run one after the other; all equal their solo runs."""
+    from conftest import _engine
+
+    engine = _engine(tiny_dir, "none", {"max_slots": 4, "kv_cache_tokens": 2048})
+    assert engine.window == 2048 and engine.kv_cache_use() == (0, 2048)
+    short = GenerationParams(max_new_tokens=8, min_new_tokens=8)
+    long_prompt = [5 + i % 200 for i in range(1000)]
+    long = GenerationParams(max_new_tokens=100, min_new_tokens=100)
+
+    async def ids(prompt_ids, params):
+        return _tokens([c async for c, _ in engine.generate(prompt_ids, params)])
+
+    async def watched(jobs):
+        peak = [0, 0]
+        task = asyncio.gather(*jobs)
+        while not task.done():
+            (running, _, _), (used, size) = engine.generation_load(), engine.kv_cache_use()
+            assert used <= size
+            peak = [max(peak[0], running), max(peak[1], used)]
+            await asyncio.sleep(0.001)
+        return await task, peak
+
+    prompts = [encode(engine.lm.tokenizer, p) for p in PROMPTS[:4]]
+    solo = [run(ids(p, short)) for p in prompts]
+    together, peak = run(watched([ids(p, short) for p in prompts]))
+    assert together == solo and peak[0] == 4
+    solo_long = run(ids(long_prompt, long))
+    together, peak = run(watched([ids(long_prompt, long), ids(long_prompt, long)]))
+    assert together == [solo_long, solo_long]
+    assert peak == [1, 1100]
+    assert run(_drained(engine)) and engine.kv_cache_use() == (0, 2048)
+    engine.close()

@@ -19,16 +19,17 @@ CHECK = textwrap.dedent("""
 
     def greedy(fused, prompts, steps=12):
         runner.fused = fused
-        logits = runner.prefill_new([0, 1], prompts)  # [2, V]
+        logits = runner.prefill_new(bases, prompts)  # [2, V]
         toks, pos, out, all_logits = logits.argmax(-1).tolist(), [len(p) for p in prompts], [], []
         for _ in range(steps):
-            logits = runner.decode(toks, pos)  # [2, V]
+            logits = runner.decode(toks, pos, bases)  # [2, V]
             all_logits.append(logits.clone())
             toks, pos = logits.argmax(-1).tolist(), [p + 1 for p in pos]
             out.append(toks)
         return out, torch.stack(all_logits)
 
     prompts = [[5, 17, 99, 3, 250], [42, 7]]
+    bases = [64, 0]  # row 0's cache range after row 1's
     ref, ref_logits = greedy(False, prompts)
     got, got_logits = greedy(True, prompts)
     assert got == ref, (got, ref)

@@ -36,6 +36,7 @@ def test_model_info_and_health(client, tiny_dir):
     assert info.max_context == 2048 and info.vocab_size == 1024 and info.device == "cpu"
     assert len(info.tokenizer_hash) == 64
     assert info.kv_cache_slots == 8  # the CPU default
+    assert info.kv_cache_tokens == 8 * info.max_context and info.kv_cache_tokens_used == 0
     assert client.healthy()
 
 
@@ -184,6 +185,8 @@ def test_every_metric_exists_and_moves_under_traffic(client, server):
         assert time.monotonic() < deadline, f"metrics that did not move: {still}"
         time.sleep(2)
     assert _metric_sum(after, "ray_polyglot_kv_cache_slots") == 8
+    assert _metric_sum(after, "ray_polyglot_kv_cache_tokens", kind="total") == 8 * 2048
+    assert any(line.startswith("ray_polyglot_kv_cache_tokens") and 'kind="used"' in line for line in after.splitlines())
     assert _metric_sum(after, "ray_polyglot_memory_bytes", kind="host_rss") > 100e6
     for gauge in ("ray_polyglot_generation_running", "ray_polyglot_generation_waiting"):
         assert any(line.startswith(gauge) for line in after.splitlines()), gauge

@@ -11,6 +11,7 @@ from service.api.pb import lm_pb2
 from service.engine.batching import ScoreBatcher, plan_batches
 from service.engine.config import BatchConfig, EngineConfig, LimitsConfig
 from service.engine.errors import InvalidRequest, QueueFull
+from service.engine.kvspace import KVSpace
 from service.engine.sampling import SamplingParams, _filter, new_generator, select
 from service.engine.scoring import ScoreItem
 
@@ -193,3 +194,38 @@ def test_batcher_survives_a_failing_stats_sink():
         return first, rest
 
     assert asyncio.run(main()) == ([1], [[2], [3], [4], [5]])
+
+
+def test_kv_space_allocates_disjoint_ranges_and_reuses_freed_ones():
+    """Random allocations and frees against a map of who owns each position: ranges never overlap, a request
+    fails only when no free run is long enough, freed neighbours merge, accounting matches."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(100):
+        size = rng.randint(1, 300)
+        space, held, owner = KVSpace(size), [], [False] * size
+        for _ in range(200):
+            if held and rng.random() < 0.5:
+                start, n = held.pop(rng.randrange(len(held)))
+                space.free(start, n)
+                owner[start : start + n] = [False] * n
+            else:
+                n = rng.randint(1, 40)
+                longest = max((len(r) for r in "".join("x" if o else "." for o in owner).split("x")), default=0)
+                assert space.fits(n) == (longest >= n)
+                start = space.alloc(n)
+                if start is None:
+                    assert longest < n
+                else:
+                    assert not any(owner[start : start + n]) and start + n <= size
+                    owner[start : start + n] = [True] * n
+                    held.append((start, n))
+            assert space.used == sum(owner)
+    space = KVSpace(10)
+    a, b = space.alloc(4), space.alloc(6)
+    space.free(a, 4)
+    with pytest.raises(ValueError):
+        space.free(a, 4)
+    space.free(b, 6)
+    assert space.alloc(10) == 0  # the two freed ranges merged into one

@@ -75,8 +75,11 @@ class GenerationConfig:
     """Continuous batching of Generate requests over a static KV cache."""
 
     max_slots: int = 0
-    """Sequences decoded together (KV-cache slots of a full window each); 0: as many as
-    kv_cache_memory_fraction of free GPU memory holds, up to 128 (8 on CPU)."""
+    """Sequences decoded together (batch rows); 0: 128 on GPU, 8 on CPU."""
+    kv_cache_tokens: int = 0
+    """Token positions in the KV cache, shared by the running sequences (each reserves prompt +
+    max_new_tokens); 0: what kv_cache_memory_fraction of the free GPU memory holds, at most a full
+    window per sequence (on CPU: a full window per sequence)."""
     kv_cache_memory_fraction: float = 0.8
     """Share of the GPU memory free after loading and a Score warm-up given to the KV cache (the rest
     is headroom for CUDA graphs, prefill and sampling)."""

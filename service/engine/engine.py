@@ -65,27 +65,33 @@ class Engine:
         g = cfg.generation
         if self.lm.device.type == "cuda":
             self.scorer.warm_up(min(max_tokens, self.window * cfg.batch.max_batch_pairs), min(1024, self.window))
-        self.runner = NeoxRunner(self.lm.model, self._plan_slots(), self.window, g.cuda_graphs, g.fused_decode,
-                                 eos_id=self.lm.eos_token_id)
+        rows, kv_tokens = self._plan_kv()
+        self.runner = NeoxRunner(self.lm.model, rows, self.window, g.cuda_graphs, g.fused_decode,
+                                 eos_id=self.lm.eos_token_id, kv_tokens=kv_tokens)
         self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
-        kv_gib = self.runner.max_slots * NeoxRunner.kv_bytes_per_slot(self.lm.model, self.window, self.lm.compute_dtype)
-        log.info("KV cache: %d slots of %d tokens (%.1f GiB)", self.runner.max_slots, self.window, kv_gib / 2**30)
+        kv_gib = kv_tokens * NeoxRunner.kv_bytes_per_token(self.lm.model, self.lm.compute_dtype) / 2**30
+        log.info("KV cache: %d token positions (%.1f GiB), up to %d sequences at once", kv_tokens, kv_gib, rows)
         self._gen_running = False  # a generation step is queued or running on the model thread
         self._gen_lock = threading.Lock()
 
-    def _plan_slots(self) -> int:
-        """KV-cache slots: the configured number, or what the free GPU memory holds."""
+    def _plan_kv(self) -> tuple[int, int]:
+        """(sequences decoded at once, KV-cache token positions): the configured numbers, else 128 sequences
+        (8 on CPU) and what the free GPU memory holds (a full window per sequence on CPU). Each sequence
+        reserves prompt + max_new_tokens positions, so short requests leave room for many more."""
         g = self.cfg.generation
-        if g.max_slots:
-            return g.max_slots
+        rows = g.max_slots or (128 if self.lm.device.type == "cuda" else 8)
+        if g.kv_cache_tokens:
+            return rows, max(g.kv_cache_tokens, self.window)
         if self.lm.device.type != "cuda":
-            return 8
-        per_slot = NeoxRunner.kv_bytes_per_slot(self.lm.model, self.window, self.lm.compute_dtype)
+            return rows, rows * self.window
+        per_token = NeoxRunner.kv_bytes_per_token(self.lm.model, self.lm.compute_dtype)
         # Measured after the Score warm-up: the allocator keeps that forward's activations cached, so
-        # "free" here is what neither the weights nor the largest Score batch need.
+        # "free" here is what neither the weights nor the largest Score batch need. One more window is
+        # allocated beyond the pool, as scratch for the padding rows of the decode graphs.
         free, _ = torch.cuda.mem_get_info(self.lm.device)
-        return max(1, min(128, int(free * g.kv_cache_memory_fraction) // per_slot))
+        tokens = int(free * g.kv_cache_memory_fraction) // per_token - self.window
+        return rows, max(self.window, min(tokens, rows * self.window))
 
     @property
     def window(self) -> int:
@@ -251,9 +257,13 @@ class Engine:
                 self._gen_running = False
 
     def generation_load(self) -> tuple[int, int, int]:
-        """(running sequences, waiting sequences, KV-cache slots)."""
+        """(running sequences, waiting sequences, sequences that may run at once)."""
         running, waiting = self.scheduler.in_use()
         return running, waiting, self.runner.max_slots
+
+    def kv_cache_use(self) -> tuple[int, int]:
+        """(KV-cache token positions reserved by running sequences, positions in the cache)."""
+        return self.scheduler.kv_in_use()
 
     def memory_bytes(self) -> dict[str, int]:
         """Memory held by this replica: host RSS always, the CUDA allocator's view on a GPU."""

@@ -28,12 +28,12 @@ if triton is not None:
 
     @triton.jit
     def _rope_store_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, q_ptr,
-        stride_qkv, stride_cs, stride_ks, stride_kh, stride_kt,
+        qkv_ptr, cos_ptr, sin_ptr, start_ptr, pos_ptr, k_ptr, v_ptr, q_ptr,
+        stride_qkv, stride_cs, stride_kh, stride_kt,
         H: tl.constexpr, HD: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """Program (b, h): rotate q and k of row b, head h at position pos[b]; q to q_ptr [B, H, HD],
-        k and v to the cache at [b, h, pos[b]]."""
+        k and v to the cache at [h, start[b] + pos[b]]."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         HALF: tl.constexpr = ROT // 2
@@ -53,7 +53,7 @@ if triton is not None:
         k = tl.load(head + HD + i, mask=m, other=0.0).to(tl.float32)
         kp = tl.load(head + HD + partner, mask=m, other=0.0).to(tl.float32)
         v = tl.load(head + 2 * HD + i, mask=m, other=0.0)
-        cache = b * stride_ks + h * stride_kh + pos * stride_kt
+        cache = h * stride_kh + (tl.load(start_ptr + b) + pos) * stride_kt
         tl.store(q_ptr + (b * H + h) * HD + i, (q * c + qp * s).to(q_ptr.dtype.element_ty), mask=m)
         tl.store(k_ptr + cache + i, (k * c + kp * s).to(k_ptr.dtype.element_ty), mask=m)
         tl.store(v_ptr + cache + i, v, mask=m)
@@ -80,10 +80,11 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, scale, stride_ks, stride_kh, stride_kt,
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, scale, stride_kh, stride_kt,
                                  H: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                                  TMAX: tl.constexpr, EXACT_BOUND: tl.constexpr):
-        """Program (b, h): softmax(q . K[:pos+1] * scale) @ V[:pos+1] for row b, head h, with an online softmax
+        """Program (b, h): softmax(q . K[:pos+1] * scale) @ V[:pos+1] for row b, head h (its keys start at
+        start[b] in the cache), with an online softmax
         over blocks of BLOCK_T keys (fp32 throughout). The loop stops after the block holding pos; where the
         bound cannot be a runtime value (Triton's CPU interpreter) it covers TMAX keys, the rest masked."""
         b = tl.program_id(0)
@@ -92,7 +93,7 @@ if triton is not None:
         dm = d < HD
         q = tl.load(q_ptr + (b * H + h) * HD + d, mask=dm, other=0.0).to(tl.float32) * scale  # [BD]
         n = tl.load(pos_ptr + b) + 1  # keys 0..pos
-        base = b * stride_ks + h * stride_kh
+        base = h * stride_kh + tl.load(start_ptr + b) * stride_kt
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -112,28 +113,30 @@ if triton is not None:
         tl.store(o_ptr + (b * H + h) * HD + d, (acc / l_i).to(o_ptr.dtype.element_ty), mask=dm)
 
 
-def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """q [B, H, 1, hd] of the token at pos[b] of the sequence in cache slot b; keys and values at positions
-    0..pos[b] of kcache/vcache [S, H, Tmax, hd]. Returns [B, H, 1, hd], scaled by 1/sqrt(hd) like SDPA's default."""
+def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: torch.Tensor,
+                     pos: torch.Tensor, tmax: int) -> torch.Tensor:
+    """q [B, H, 1, hd] of the token at position pos[b] of row b's sequence, whose keys and values sit at
+    kcache/vcache [H, P, hd][:, start[b] + 0..pos[b]]; tmax bounds pos. Returns [B, H, 1, hd], scaled by
+    1/sqrt(hd) like SDPA's default."""
     B, H, _, hd = q.shape
     out = torch.empty_like(q)  # [B, H, 1, hd]
     _decode_attention_kernel[(B, H)](
-        q.contiguous(), kcache, vcache, pos, out, hd ** -0.5, kcache.stride(0), kcache.stride(1), kcache.stride(2),
+        q.contiguous(), kcache, vcache, start, pos, out, hd ** -0.5, kcache.stride(0), kcache.stride(1),
         H=H, HD=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_T=32,
-        TMAX=kcache.shape[2], EXACT_BOUND=os.environ.get("TRITON_INTERPRET") != "1",
+        TMAX=tmax, EXACT_BOUND=os.environ.get("TRITON_INTERPRET") != "1",
     )
     return out
 
 
-def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: torch.Tensor, pos: torch.Tensor,
                kcache: torch.Tensor, vcache: torch.Tensor, heads: int, head_dim: int, rot: int) -> torch.Tensor:
     """One decode token per row: qkv [B, H*3*hd] (GPT-NeoX's per-head [q|k|v] layout), cos/sin [L, rot], pos [B].
-    Writes rotated k and v into kcache/vcache [S, H, Tmax, hd] at [b, :, pos[b]]; returns rotated q [B, H, 1, hd]."""
+    Writes rotated k and v into kcache/vcache [H, P, hd] at [:, start[b] + pos[b]]; returns rotated q [B, H, 1, hd]."""
     B = qkv.shape[0]
     q = torch.empty((B, heads, 1, head_dim), dtype=qkv.dtype, device=qkv.device)  # [B, H, 1, hd]
     _rope_store_kernel[(B, heads)](
-        qkv, cos, sin, pos, kcache, vcache, q,
-        qkv.stride(0), cos.stride(0), kcache.stride(0), kcache.stride(1), kcache.stride(2),
+        qkv, cos, sin, start, pos, kcache, vcache, q,
+        qkv.stride(0), cos.stride(0), kcache.stride(0), kcache.stride(1),
         H=heads, HD=head_dim, ROT=rot, BLOCK=triton.next_power_of_2(head_dim),
     )
     return q

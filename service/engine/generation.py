@@ -92,7 +92,9 @@ class Sequence:
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.prefilled = 0  # prompt tokens already in the KV cache
-        self.slot = -1
+        self.slot = -1  # batch row while running
+        self.kv_base = -1  # where its range of the KV cache starts while running
+        self.kv_size = len(prompt_ids) + params.max_new_tokens  # positions it can ever fill
         self.cancelled = False
         self.sink = None  # where the scheduler's caller delivers this sequence's chunks (an asyncio.Queue)
         self.loop = None  # the event loop that sink belongs to

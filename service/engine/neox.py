@@ -1,10 +1,11 @@
-"""GPT-NeoX forward over a static, slot-based KV cache: chunked prefill of one sequence and batched decode of many.
+"""GPT-NeoX forward over a preallocated KV cache: chunked prefill of one sequence and batched decode of many.
 
 The weights are the transformers model's own modules (so bitsandbytes' nf4 Linear4bit layers run as
-loaded); only the attention bookkeeping is ours. Sequences live in cache slots 0..n-1, kept compact,
-so a decode step reads a plain slice of the cache, and on CUDA that step is captured once per
-(batch bucket, length bucket) in a CUDA graph: a batch-1 step is ~60 kernel launches per layer,
-which cost more than the nf4 matmuls themselves.
+loaded); only the attention bookkeeping is ours. The cache is one pool of token positions per layer;
+each sequence owns a contiguous range of it (engine/kvspace.py), so prefill attends over a plain slice,
+and a decode step over batch rows 0..n-1 is told where each row's range starts. On CUDA that step is
+captured once per (batch bucket, length bucket) in a CUDA graph: a batch-1 step is ~60 kernel launches
+per layer, which cost more than the nf4 matmuls themselves.
 """
 from __future__ import annotations
 
@@ -184,11 +185,13 @@ class NeoxForward:
 
 
 class NeoxRunner(NeoxForward):
-    """Call order: prefill(slot, ids, start) for each chunk of a new sequence, then decode(tokens, positions)
-    for all n running sequences at once (they occupy slots 0..n-1); move(src, dst, length) keeps slots compact."""
+    """Call order: prefill(base, ids, start) for each chunk of a new sequence whose cache range starts at pool
+    position `base`, then decode(tokens, positions, bases) for all n running sequences at once (batch rows
+    0..n-1, up to max_slots), then decode_again() while the same rows go on greedily.
+    kv_tokens: positions in the pool (default: a full window per row)."""
 
     def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int, use_graphs: bool, fused_decode: bool = True,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, kv_tokens: int | None = None):
         super().__init__(model, max_len)
         dev = self.device
         self.eos_id = eos_id
@@ -199,8 +202,11 @@ class NeoxRunner(NeoxForward):
                 log.warning("fused decode kernels off, the decode step runs its torch code: %s", problem)
             self.fused = problem is None
         self.max_slots = max_slots
-        shape = (max_slots, self.H, max_len, self.hd)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]  # L x [S, H, Tmax, hd]
+        self.kv_tokens = kv_tokens or max_slots * max_len
+        # Batch rows beyond the running ones (graph buckets are padded) write into a window of their own after the pool.
+        self._scratch = self.kv_tokens
+        shape = (self.H, self.kv_tokens + max_len, self.hd)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]  # L x [H, P, hd]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
 
         self.use_graphs = use_graphs and dev.type == "cuda"
@@ -208,6 +214,7 @@ class NeoxRunner(NeoxForward):
         self.len_buckets = _buckets(max_len, 256)
         self._tok = torch.zeros(max_slots, dtype=torch.long, device=dev)  # static graph inputs
         self._pos = torch.zeros(max_slots, dtype=torch.long, device=dev)
+        self._base = torch.zeros(max_slots, dtype=torch.long, device=dev)  # where each row's cache range starts
         self._no_eos = torch.zeros(max_slots, dtype=torch.bool, device=dev)  # rows whose next choice may not be eos
         self._no_eos_host: list[bool] = []
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -215,13 +222,14 @@ class NeoxRunner(NeoxForward):
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @staticmethod
-    def kv_bytes_per_slot(model: torch.nn.Module, max_len: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
         c = model.config
-        return 2 * c.num_hidden_layers * max_len * c.hidden_size * torch.tensor([], dtype=dtype).element_size()
+        return 2 * c.num_hidden_layers * c.hidden_size * torch.tensor([], dtype=dtype).element_size()
 
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        """Run ids at positions start.. of the sequence in `slot`; return logits of the last one [V] (float32)."""
+    def prefill(self, base: int, ids: list[int], start: int) -> torch.Tensor:
+        """Run ids at positions start.. of the sequence whose cache range starts at `base`; return logits of
+        the last one [V] (float32)."""
         T = len(ids)
         end = start + T
         x = self.embed(torch.tensor([ids], device=self.device)).to(self.dtype)  # [1, T, D]
@@ -234,29 +242,31 @@ class NeoxRunner(NeoxForward):
         for li in range(len(self.layers)):
             def attend(q, k, v, li=li):
                 q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                self.k[li][slot, :, start:end] = k[0]
-                self.v[li][slot, :, start:end] = v[0]
-                K, V = self.k[li][slot : slot + 1, :, :end], self.v[li][slot : slot + 1, :, :end]  # [1, H, end, hd]
+                self.k[li][:, base + start : base + end] = k[0]
+                self.v[li][:, base + start : base + end] = v[0]
+                K, V = self.k[li][None, :, base : base + end], self.v[li][None, :, base : base + end]  # [1, H, end, hd]
                 return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=mask is None)
 
             x = self._block(li, x, attend)
         return self._logits(x[:, -1])[0]
 
     @torch.inference_mode()
-    def prefill_new(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Whole prompts of several new sequences in one forward pass; logits of each one's last token
-        [n, V] (float32). Right padding is exact for a causal model: real tokens never attend to the
-        pad tokens after them, and the K/V written for pads sit at positions decode overwrites first."""
+    def prefill_new(self, bases: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Whole prompts of several new sequences (cache ranges starting at `bases`) in one forward pass; logits
+        of each one's last token [n, V] (float32). Right padding is exact for a causal model: real tokens never
+        attend to the pad tokens after them, and only real tokens' keys and values are stored."""
         ids = right_pad(prompts)  # [n, T]
         n, T = ids.shape
         x = self.embed(ids.to(self.device)).to(self.dtype)  # [n, T, D]
         cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
-        idx = torch.tensor(slots, device=self.device)
+        row = torch.tensor([i for i, p in enumerate(prompts) for _ in p], device=self.device)  # [N] real tokens
+        at = torch.tensor([t for p in prompts for t in range(len(p))], device=self.device)  # [N]
+        dest = torch.tensor([b + t for b, p in zip(bases, prompts) for t in range(len(p))], device=self.device)  # [N]
         for li in range(len(self.layers)):
             def attend(q, k, v, li=li):
                 q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                self.k[li][idx, :, :T] = k
-                self.v[li][idx, :, :T] = v
+                self.k[li][:, dest] = k[row, :, at].transpose(0, 1)  # [H, N, hd]
+                self.v[li][:, dest] = v[row, :, at].transpose(0, 1)
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
             x = self._block(li, x, attend)
@@ -264,22 +274,24 @@ class NeoxRunner(NeoxForward):
         return self._logits(x[torch.arange(n, device=self.device), last])  # [n, V]
 
     def _decode_eager(self, B: int, T: int) -> torch.Tensor:
-        """One token for each of the sequences in slots 0..B-1, attending to cache positions < T."""
-        tok, pos = self._tok[:B], self._pos[:B]
+        """One token for each of batch rows 0..B-1, attending to its cache positions < T."""
+        tok, pos, base = self._tok[:B], self._pos[:B], self._base[:B]
         x = self.embed(tok)[:, None].to(self.dtype)  # [B, 1, D]
         if self.fused:
             x = x[:, 0]  # [B, D]
             for li in range(len(self.layers)):
-                x = self._decode_layer_fused(li, x, pos)
+                x = self._decode_layer_fused(li, x, base, pos)
             logits = self._logits(x)  # [B, V]
         else:
-            cos, sin, rows, mask = self._decode_tables(pos, T)
+            cos, sin, keys, mask = self._decode_tables(base, pos, T, self.k[0].shape[1])
+            at = base + pos  # [B]
             for li in range(len(self.layers)):
                 def attend(q, k, v, li=li):
                     q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                    self.k[li][rows, :, pos] = k[:, :, 0]
-                    self.v[li][rows, :, pos] = v[:, :, 0]
-                    return F.scaled_dot_product_attention(q, self.k[li][:B, :, :T], self.v[li][:B, :, :T], attn_mask=mask)
+                    self.k[li][:, at] = k[:, :, 0].transpose(0, 1)  # [H, B, hd]
+                    self.v[li][:, at] = v[:, :, 0].transpose(0, 1)
+                    K, V = self.k[li][:, keys].transpose(0, 1), self.v[li][:, keys].transpose(0, 1)  # [B, H, T, hd]
+                    return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
 
                 x = self._block(li, x, attend)
             logits = self._logits(x[:, 0])  # [B, V]
@@ -296,14 +308,17 @@ class NeoxRunner(NeoxForward):
         self._pos[:B] = (pos + 1).clamp(max=self.max_len - 1)
         return logits
 
-    def _decode_tables(self, pos: torch.Tensor, T: int):
-        """For one token per row at positions pos [B] over a cache of T positions: rotary cos and sin
-        [B, 1, 1, rot], the row indices [B], and the attention mask [B, 1, 1, T] (keys up to the row's own position)."""
-        rows = torch.arange(pos.shape[0], device=self.device)
-        mask = (torch.arange(T, device=self.device)[None, :] <= pos[:, None])[:, None, None]
-        return self.cos[pos][:, None, None], self.sin[pos][:, None, None], rows, mask
+    def _decode_tables(self, base: torch.Tensor, pos: torch.Tensor, T: int, pool: int):
+        """For one token per row at positions pos [B] of cache ranges starting at base [B] in a pool of `pool`
+        positions, over T positions:
+        rotary cos and sin [B, 1, 1, rot], the pool index of each row's keys [B, T] (past a range's end they
+        point at whatever follows, masked), and the attention mask [B, 1, 1, T] (keys up to the row's own position)."""
+        t = torch.arange(T, device=self.device)
+        keys = (base[:, None] + t[None, :]).clamp(max=pool - 1)  # [B, T]
+        mask = (t[None, :] <= pos[:, None])[:, None, None]
+        return self.cos[pos][:, None, None], self.sin[pos][:, None, None], keys, mask
 
-    def _decode_layer_fused(self, li: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _decode_layer_fused(self, li: int, x: torch.Tensor, base: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Layer li of a decode step, x [B, D], with its glue in the Triton kernels of engine/fused.py: both layer
         norms in one pass (parallel residual), rotary embedding and the cache write in another, attention over
         the cache up to each row's position in a third."""
@@ -314,9 +329,9 @@ class NeoxRunner(NeoxForward):
             h, h_mlp = fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [B, D]
         else:
             h, h_mlp = layer.input_layernorm(x), None
-        q = fused.rope_store(attn.query_key_value(h), self.cos, self.sin, pos, self.k[li], self.v[li],
+        q = fused.rope_store(attn.query_key_value(h), self.cos, self.sin, base, pos, self.k[li], self.v[li],
                              self.H, self.hd, self.rot)  # [B, H, 1, hd]
-        a = fused.decode_attention(q, self.k[li], self.v[li], pos)  # [B, H, 1, hd]
+        a = fused.decode_attention(q, self.k[li], self.v[li], base, pos, self.max_len)  # [B, H, 1, hd]
         a = attn.dense(a.reshape(B, -1))  # [B, D]
         return self._residual(li, x, a, h_mlp)
 
@@ -329,20 +344,23 @@ class NeoxRunner(NeoxForward):
             g = torch.Generator(device="cpu").manual_seed(0)
             B, L, D = 2, 8, self.H * self.hd
             pos = torch.tensor([3, 6], device=self.device)
+            base = torch.tensor([L, 0], device=self.device)  # row 0's range after row 1's: not in row order
             qkv = torch.randn(B, 3 * D, generator=g).to(self.device, self.dtype)  # [B, 3D]
-            kc, vc = (torch.zeros(B, self.H, L, self.hd, dtype=self.dtype, device=self.device) for _ in range(2))
-            q = fused.rope_store(qkv, self.cos, self.sin, pos, kc, vc, self.H, self.hd, self.rot)
+            kc, vc = (torch.zeros(self.H, B * L, self.hd, dtype=self.dtype, device=self.device) for _ in range(2))
+            q = fused.rope_store(qkv, self.cos, self.sin, base, pos, kc, vc, self.H, self.hd, self.rot)
             rq, rk, rv = qkv.view(B, 1, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, 1, hd]
-            cos, sin, rows, mask = self._decode_tables(pos, L)
-            pairs = [(q, self._rope(rq, cos, sin)), (kc[rows, :, pos], self._rope(rk, cos, sin)[:, :, 0]),
-                     (vc[rows, :, pos], rv[:, :, 0])]
+            cos, sin, keys, mask = self._decode_tables(base, pos, L, B * L)
+            pairs = [(q, self._rope(rq, cos, sin)), (kc[:, base + pos].transpose(0, 1), self._rope(rk, cos, sin)[:, :, 0]),
+                     (vc[:, base + pos].transpose(0, 1), rv[:, :, 0])]
             layer = self.layers[0]
             x = torch.randn(B, D, generator=g).to(self.device, self.dtype)
             pairs += zip(fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm),
                          (layer.input_layernorm(x), layer.post_attention_layernorm(x)))
             kc.copy_(torch.randn(kc.shape, generator=g))
             vc.copy_(torch.randn(vc.shape, generator=g))
-            pairs.append((fused.decode_attention(q, kc, vc, pos), F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)))
+            K, V = kc[:, keys].transpose(0, 1), vc[:, keys].transpose(0, 1)  # [B, H, L, hd]
+            pairs.append((fused.decode_attention(q, kc, vc, base, pos, L),
+                          F.scaled_dot_product_attention(q, K, V, attn_mask=mask)))
             err = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
             if not err <= tol:
                 return f"fused kernels differ from the torch code by {err:.2e}"
@@ -354,14 +372,17 @@ class NeoxRunner(NeoxForward):
         return next(b for b in self.batch_buckets if b >= n) if self.use_graphs else n
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Next-token logits [n, V] (float32) for the n sequences in slots 0..n-1, fed `tokens` at `positions`."""
+    def decode(self, tokens: list[int], positions: list[int], bases: list[int]) -> torch.Tensor:
+        """Next-token logits [n, V] (float32) for n sequences in batch rows 0..n-1, fed `tokens` at `positions`
+        of their cache ranges, which start at `bases`."""
         n, B = len(tokens), self._batch(len(tokens))
         self._tok[:n] = torch.tensor(tokens)
         self._pos[:n] = torch.tensor(positions)
-        if B > n:  # padding rows write into free slots at position 0: harmless, prefill overwrites
+        self._base[:n] = torch.tensor(bases)
+        if B > n:  # padding rows of the graph's bucket: their own scratch range
             self._tok[n:B] = 0
             self._pos[n:B] = 0
+            self._base[n:B] = self._scratch
         return self._step(n, max(positions))
 
     @torch.inference_mode()
@@ -418,12 +439,6 @@ class NeoxRunner(NeoxForward):
             for B in self.batch_buckets:
                 if B <= max_batch:
                     self._graphs[(B, self.len_buckets[0])] = self._capture(B, self.len_buckets[0])
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy a sequence's cache from slot src to slot dst (compaction after dst's sequence left)."""
-        for k, v in zip(self.k, self.v):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
 
 
 class TokenFetch:

@@ -8,14 +8,16 @@ import torch
 
 from .errors import QueueFull
 from .generation import Chunk, Sequence, accept, choose
+from .kvspace import KVSpace
 from .neox import NeoxRunner, TokenFetch
 
 
 class Scheduler:
-    """Owns the KV-cache slots and the running batch.
+    """Owns the batch rows, the KV cache's space and the running batch.
 
     Call order: add(seq) / cancel(seq) from any thread; step() repeatedly on the model thread while
-    has_work(). Each step admits waiting sequences into free slots, runs at most `prefill_chunk`
+    has_work(). Each step admits waiting sequences, in order of arrival, while a batch row is free and the
+    cache has a free range of prompt + max_new_tokens positions for the next one; runs at most `prefill_chunk`
     prompt tokens of prefill (so a long newcomer delays running streams by one chunk, not by its
     whole prompt; short newcomers are prefilled several per step), then one batched decode step for
     every running sequence, and returns the chunks produced, in the form [(sequence, chunk)].
@@ -32,12 +34,14 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []  # running[i] lives in KV slot i
+        self.running: list[Sequence] = []  # running[i] is batch row i
+        self.kv = KVSpace(runner.kv_tokens)
         self._pending: tuple[list[Sequence], TokenFetch] | None = None  # a launched step not yet read back
         self._lock = threading.Lock()
 
     @property
     def slots(self) -> int:
+        """Sequences that may run at once (batch rows)."""
         return self.runner.max_slots
 
     def add(self, seq: Sequence) -> None:
@@ -59,23 +63,28 @@ class Scheduler:
         """(running sequences, waiting sequences)."""
         return len(self.running), len(self.waiting)
 
+    def kv_in_use(self) -> tuple[int, int]:
+        """(KV-cache positions reserved by running sequences, positions in the cache)."""
+        return self.kv.used, self.kv.size
+
     def abort(self) -> list[Sequence]:
         """Drop every sequence (after a failed step); returns them so their callers can be told."""
         with self._lock:
             dropped = self.running + list(self.waiting)
             self.running, self.waiting = [], collections.deque()
+            self.kv = KVSpace(self.runner.kv_tokens)
             self._pending = None
         return dropped
 
     def _remove(self, seq: Sequence) -> None:
-        """Free seq's slot, moving the last running sequence into it so slots stay 0..n-1."""
+        """Free seq's cache range and batch row; the last running sequence takes the row (rows stay 0..n-1)."""
         i = seq.slot
         last = self.running.pop()
         if last is not seq:
-            self.runner.move(last.slot, i, last.length)
             last.slot = i
             self.running[i] = last
-        seq.slot = -1
+        self.kv.free(seq.kv_base, seq.kv_size)
+        seq.slot = seq.kv_base = -1
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, Chunk]]:
@@ -86,11 +95,14 @@ class Scheduler:
             self._remove(seq)
         with self._lock:
             while self.waiting and len(self.running) < self.slots:
-                seq = self.waiting.popleft()
-                if seq.cancelled:
-                    continue
-                seq.slot = len(self.running)
-                self.running.append(seq)
+                seq = self.waiting[0]
+                if not seq.cancelled:
+                    base = self.kv.alloc(seq.kv_size)
+                    if base is None:  # first come, first served: it waits for space, later ones behind it
+                        break
+                    seq.kv_base, seq.slot = base, len(self.running)
+                    self.running.append(seq)
+                self.waiting.popleft()
 
         # Prefill: up to `prefill_chunk` prompt tokens per step, newcomers in order of arrival. Short
         # prompts that fit the budget whole go through one batched forward pass; a long one is cut
@@ -109,13 +121,13 @@ class Scheduler:
                 continue
             a = seq.prefilled
             b = min(len(seq.prompt_ids), a + budget)
-            logits = self.runner.prefill(seq.slot, seq.prompt_ids[a:b], a)  # [V]
+            logits = self.runner.prefill(seq.kv_base, seq.prompt_ids[a:b], a)  # [V]
             seq.prefilled = b
             budget -= b - a
             if b == len(seq.prompt_ids):
                 out.extend(self._next_batch([seq], logits[None]))
         if whole:
-            logits = self.runner.prefill_new([s.slot for s in whole], [s.prompt_ids for s in whole])  # [n, V]
+            logits = self.runner.prefill_new([s.kv_base for s in whole], [s.prompt_ids for s in whole])  # [n, V]
             for seq in whole:
                 seq.prefilled = len(seq.prompt_ids)
             out.extend(self._next_batch(whole, logits))
@@ -130,7 +142,7 @@ class Scheduler:
         tokens = [s.generated[-1] if r else 0 for s, r in zip(self.running, ready)]
         positions = [s.length - 1 if r else min(s.prefilled, s.length - 1) for s, r in zip(self.running, ready)]
         self.runner.forbid_eos([r and s.needs_eos_mask() for s, r in zip(self.running, ready)])
-        logits = self.runner.decode(tokens, positions)  # [n, V]
+        logits = self.runner.decode(tokens, positions, [s.kv_base for s in self.running])  # [n, V]
         if all(ready) and all(self._greedy_only(s, 0) for s in self.running):
             self._pending = (list(self.running), self.runner.next_tokens(len(self.running)))
             return out
@@ -152,7 +164,7 @@ class Scheduler:
         seqs, fetch = self._pending
         self._pending = None
         with self._lock:
-            admit = bool(self.waiting) and len(self.running) < self.slots
+            admit = bool(self.waiting) and len(self.running) < self.slots and self.kv.fits(self.waiting[0].kv_size)
         # Each sequence's pending token sits at position s.length, the one after its accepted tokens.
         last = max(s.length for s in seqs)
         if not admit and self.running == seqs and all(self._greedy_only(s, 1) for s in seqs) and last < self.runner.max_len:

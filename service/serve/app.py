@@ -127,11 +127,14 @@ class LanguageModelServer:
         try:
             async for chunk, seed in self.engine.generate(prompt, params):
                 if acc.generated == 0:
-                    self.metrics.generation_load(*self.engine.generation_load())
+                    self._report_load()
                 acc.add(chunk, seed)
                 yield acc
         finally:
-            self.metrics.generation_load(*self.engine.generation_load())
+            self._report_load()
+
+    def _report_load(self) -> None:
+        self.metrics.generation_load(*self.engine.generation_load(), *self.engine.kv_cache_use())
 
     def _token_text(self, token_id: int) -> str:
         return self.engine.token_texts([token_id])[0]
@@ -158,6 +161,7 @@ class LanguageModelServer:
     def _model_info(self) -> lm_pb2.ModelInfoResponse:
         lm = self.engine.lm
         running, waiting, slots = self.engine.generation_load()
+        kv_used, kv_total = self.engine.kv_cache_use()
         return lm_pb2.ModelInfoResponse(
             model_id=lm.model_id,
             revision=lm.revision,
@@ -171,6 +175,8 @@ class LanguageModelServer:
             max_new_tokens=self.limits.max_new_tokens,
             max_score_pairs=self.limits.max_score_pairs,
             kv_cache_slots=slots,
+            kv_cache_tokens=kv_total,
+            kv_cache_tokens_used=kv_used,
             running_sequences=running,
             waiting_requests=waiting,
             max_request_bytes=self.limits.max_request_bytes,

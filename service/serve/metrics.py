@@ -55,8 +55,12 @@ class Metrics:
         )
 
         self.gen_running = Gauge("polyglot_generation_running", description="Sequences in the decode batch.")
-        self.gen_waiting = Gauge("polyglot_generation_waiting", description="Generate requests waiting for a KV slot.")
-        self.kv_slots = Gauge("polyglot_kv_cache_slots", description="KV-cache slots (most sequences decoded together).")
+        self.gen_waiting = Gauge("polyglot_generation_waiting", description="Generate requests waiting to join the decode batch.")
+        self.kv_slots = Gauge("polyglot_kv_cache_slots", description="Most sequences decoded together (batch rows).")
+        self.kv_tokens = Gauge(
+            "polyglot_kv_cache_tokens", description="KV-cache token positions: total, and used (reserved by running sequences).",
+            tag_keys=("kind",),
+        )
         self.memory = Gauge(
             "polyglot_memory_bytes", description="Replica memory: host_rss, and gpu_allocated / gpu_reserved on a GPU.",
             tag_keys=("kind",),
@@ -71,10 +75,12 @@ class Metrics:
             for kind, value in read().items():
                 self.memory.set(value, tags={"kind": kind})
 
-    def generation_load(self, running: int, waiting: int, slots: int) -> None:
+    def generation_load(self, running: int, waiting: int, slots: int, kv_used: int, kv_total: int) -> None:
         self.gen_running.set(running)
         self.gen_waiting.set(waiting)
         self.kv_slots.set(slots)
+        self.kv_tokens.set(kv_used, tags={"kind": "used"})
+        self.kv_tokens.set(kv_total, tags={"kind": "total"})
 
     def record(self, s: Stats) -> None:
         if isinstance(s, ScoreBatchStats):

@@ -83,8 +83,10 @@ class GenerationConfig:
     kv_cache_memory_fraction: float = 0.8
     """Share of the GPU memory free after loading and a Score warm-up given to the KV cache (the rest
     is headroom for CUDA graphs, prefill and sampling)."""
-    prefill_chunk: int = 512
-    """Prompt tokens prefilled per engine step: bounds how long a newcomer stalls running streams."""
+    prefill_chunk: int = 2048
+    """Prompt tokens prefilled per engine step: bounds how long a newcomer stalls running streams. 2048 was
+    measured against 512 on an H100 (64 streams +9 % tokens/s, TTFT p99 373 -> 227 ms; inter-token p99 at 32
+    streams 27 -> 41 ms, the price of longer stalls)."""
     max_waiting: int = 1024
     """Requests waiting for a slot beyond this make Generate fail with "queue full" (RESOURCE_EXHAUSTED)."""
     cuda_graphs: bool = True

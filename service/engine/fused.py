@@ -80,51 +80,108 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, scale, stride_kh, stride_kt,
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale,
+                                 stride_kh, stride_kt,
                                  H: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 TMAX: tl.constexpr, EXACT_BOUND: tl.constexpr):
-        """Program (b, h): softmax(q . K[:pos+1] * scale) @ V[:pos+1] for row b, head h (its keys start at
-        start[b] in the cache), with an online softmax
-        over blocks of BLOCK_T keys (fp32 throughout). The loop stops after the block holding pos; where the
-        bound cannot be a runtime value (Triton's CPU interpreter) it covers TMAX keys, the rest masked."""
+                                 SPLITS: tl.constexpr, CHUNK: tl.constexpr, EXACT_BOUND: tl.constexpr):
+        """Program (b, h, s): softmax(q . K * scale) @ V over keys [s*CHUNK, (s+1)*CHUNK) ∩ [0, pos] of row b,
+        head h (its keys start at start[b] in the cache), with an online softmax over blocks of BLOCK_T keys (fp32
+        throughout). One split: the normalized output to o_ptr [B, H, HD]. Several: the unnormalized sum to
+        o_ptr [B, H, SPLITS, HD] and its running max and denominator to m_ptr, l_ptr [B, H, SPLITS], for
+        _combine_kernel. The loop stops after the block holding pos; where the bound cannot be a runtime value
+        (Triton's CPU interpreter) it covers CHUNK keys, the rest masked."""
         b = tl.program_id(0)
         h = tl.program_id(1)
+        sp = tl.program_id(2)
         d = tl.arange(0, BLOCK_D)
         dm = d < HD
         q = tl.load(q_ptr + (b * H + h) * HD + d, mask=dm, other=0.0).to(tl.float32) * scale  # [BD]
-        n = tl.load(pos_ptr + b) + 1  # keys 0..pos
+        lo = sp * CHUNK
+        hi = tl.minimum(tl.load(pos_ptr + b) + 1, lo + CHUNK)  # keys lo..hi-1 (none if hi <= lo)
         base = h * stride_kh + tl.load(start_ptr + b) * stride_kt
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for t0 in range(0, n if EXACT_BOUND else TMAX, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            tm = t < n
+        for i0 in range(0, hi - lo if EXACT_BOUND else CHUNK, BLOCK_T):
+            t = lo + i0 + tl.arange(0, BLOCK_T)
+            tm = t < hi
             off = base + t[:, None] * stride_kt + d[None, :]  # [BT, BD]
             k = tl.load(k_ptr + off, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
             s = tl.where(tm, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [BT]
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: the first block holds key 0
-            p = tl.exp(s - m_new)
-            alpha = tl.exp(m_i - m_new)
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no key (interpreter): no NaN
+            p = tl.exp(s - m_ref)
+            alpha = tl.exp(m_i - m_ref)
             v = tl.load(v_ptr + off, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
-        tl.store(o_ptr + (b * H + h) * HD + d, (acc / l_i).to(o_ptr.dtype.element_ty), mask=dm)
+        if SPLITS == 1:
+            tl.store(o_ptr + (b * H + h) * HD + d, (acc / l_i).to(o_ptr.dtype.element_ty), mask=dm)
+        else:
+            row = (b * H + h) * SPLITS + sp
+            tl.store(o_ptr + row * HD + d, acc, mask=dm)
+            tl.store(m_ptr + row, m_i)
+            tl.store(l_ptr + row, l_i)
+
+    @triton.jit
+    def _combine_kernel(po_ptr, m_ptr, l_ptr, o_ptr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
+                        SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Program r (= b * H + h): merge the SPLITS partial softmax sums of one row and head into its output."""
+        r = tl.program_id(0)
+        sp = tl.arange(0, BLOCK_S)
+        sm = sp < SPLITS
+        d = tl.arange(0, BLOCK_D)
+        dm = d < HD
+        m = tl.load(m_ptr + r * SPLITS + sp, mask=sm, other=float("-inf"))  # [BS]; split 0 holds key 0: finite max
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.max(m, axis=0)))  # [BS]
+        den = tl.sum(tl.load(l_ptr + r * SPLITS + sp, mask=sm, other=0.0) * w, axis=0)
+        acc = tl.load(po_ptr + (r * SPLITS + sp[:, None]) * HD + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
+        tl.store(o_ptr + r * HD + d, (tl.sum(acc * w[:, None], axis=0) / den).to(o_ptr.dtype.element_ty), mask=dm)
+
+
+_SMS: dict[int, int] = {}
+
+
+def attention_splits(rows: int, tmax: int, device: torch.device) -> int:
+    """How many programs share one (row, head)'s keys: enough that rows x splits give every multiprocessor one,
+    each program keeping at least 256 keys. Measured on an H100 (5.8B shape, 16 heads of 256): at batch 1 and
+    2,000 keys 8 splits run the attention ~3x faster than 2; from batch 8 on, splitting gains little."""
+    if device.type != "cuda":
+        return 1
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-_SMS[device.index] // rows)
+    return max(1, min(want, tmax // 256, 32))
 
 
 def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: torch.Tensor,
-                     pos: torch.Tensor, tmax: int) -> torch.Tensor:
+                     pos: torch.Tensor, tmax: int, splits: int | None = None, block_t: int = 64,
+                     num_warps: int = 4) -> torch.Tensor:
     """q [B, H, 1, hd] of the token at position pos[b] of row b's sequence, whose keys and values sit at
-    kcache/vcache [H, P, hd][:, start[b] + 0..pos[b]]; tmax bounds pos. Returns [B, H, 1, hd], scaled by
-    1/sqrt(hd) like SDPA's default."""
+    kcache/vcache [H, P, hd][:, start[b] + 0..pos[b]]; tmax bounds pos + 1. Returns [B, H, 1, hd], scaled by
+    1/sqrt(hd) like SDPA's default. A row's keys are split over `splits` programs (flash-decoding) when there
+    are too few rows and heads to keep the GPU busy (default: attention_splits). Blocks of 64 keys with 4 warps
+    measured fastest on an H100 (batch 64, 1,000 keys: 400 us per layer against 637 with blocks of 32; 8 warps
+    slower)."""
     B, H, _, hd = q.shape
     out = torch.empty_like(q)  # [B, H, 1, hd]
-    _decode_attention_kernel[(B, H)](
-        q.contiguous(), kcache, vcache, start, pos, out, hd ** -0.5, kcache.stride(0), kcache.stride(1),
-        H=H, HD=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_T=32,
-        TMAX=tmax, EXACT_BOUND=os.environ.get("TRITON_INTERPRET") != "1",
+    splits = splits or attention_splits(B * H, tmax, q.device)
+    chunk = -(-tmax // (splits * block_t)) * block_t  # keys per split, a whole number of blocks
+    if splits == 1:  # the kernel writes the output directly; the partial-sum pointers are unused
+        po, ml = out, (out, out)
+    else:
+        po = torch.empty((B, H, splits, hd), dtype=torch.float32, device=q.device)  # partial sums
+        ml = torch.empty((2, B, H, splits), dtype=torch.float32, device=q.device)  # running max, denominator
+    block_d = triton.next_power_of_2(hd)
+    _decode_attention_kernel[(B, H, splits)](
+        q.contiguous(), kcache, vcache, start, pos, po, ml[0], ml[1], hd ** -0.5, kcache.stride(0), kcache.stride(1),
+        H=H, HD=hd, BLOCK_D=block_d, BLOCK_T=block_t, SPLITS=splits, CHUNK=chunk,
+        EXACT_BOUND=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps,
     )
+    if splits > 1:
+        _combine_kernel[(B * H,)](po, ml[0], ml[1], out, HD=hd, BLOCK_D=block_d, SPLITS=splits,
+                                  BLOCK_S=triton.next_power_of_2(splits))
     return out
 
 

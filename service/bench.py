@@ -548,21 +548,24 @@ def main(argv: list[str] | None = None) -> dict:
 
 def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 32, steps: int = 50) -> dict:
     """Where a decode step's time goes, without the serving layer: step time eager, in a CUDA graph, and in
-    graphs launched back to back as the pipelined scheduler does (decode_again), with the torch glue and with
-    the fused Triton kernels (engine/fused.py), at several batch sizes; and the top kernels of eager batch-1
-    steps (torch.profiler)."""
+    graphs launched back to back as the pipelined scheduler does (decode_again), with the torch glue, with
+    the fused Triton kernels (engine/fused.py), and with those plus dequantized weights for batches above one
+    (GenerationConfig.dequantized_decode), at several batch sizes; and the top kernels of eager steps
+    (torch.profiler: batch 1, and batch 64 with the dequantized weights)."""
     from torch.profiler import ProfilerActivity, profile
 
     from .engine import loader
     from .engine.config import ModelConfig
-    from .engine.neox import NeoxRunner
+    from .engine.neox import NeoxRunner, dequantized_weights
 
     lm = loader.load(ModelConfig(model=model))
     res: dict = {"device": torch.cuda.get_device_name(0), "steps": {}}
     tables = []
-    for fused in (False, True):
+    for fused, dense in ((False, False), (True, False), (True, True)):
         window = min(lm.max_context, 1024)
-        runner = NeoxRunner(lm.model, max(batches), window, use_graphs=True, fused_decode=fused)
+        name = ("fused" if fused else "torch") + (" dequantized" if dense else "")
+        runner = NeoxRunner(lm.model, max(batches), window, use_graphs=True, fused_decode=fused,
+                            dense=dequantized_weights(lm.model, lm.compute_dtype) if dense else None)
         assert runner.fused == fused, "fused kernels failed their start-up check (see the log)"
         for b in batches:
             bases = [i * window for i in range(b)]
@@ -581,14 +584,15 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
                         runner.decode(tokens, pos, bases)
                 _sync()
                 row[f"{mode}_ms"] = (time.perf_counter() - t) / steps * 1000
-            res["steps"][f"{'fused' if fused else 'torch'} b={b}"] = row
-            print(b, fused, row, flush=True)
+            res["steps"][f"{name} b={b}"] = row
+            print(name, b, row, flush=True)
         runner.use_graphs = False
+        b = max(batches) if dense else 1
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                runner.decode([7], [prompt_len], [0])
+                runner.decode([7] * b, [prompt_len] * b, [i * window for i in range(b)])
             _sync()
-        tables.append(f"{'fused glue' if fused else 'torch glue'}: 5 eager batch-1 steps\n"
+        tables.append(f"{name}: 5 eager batch-{b} steps\n"
                       + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
         del runner
         torch.cuda.empty_cache()

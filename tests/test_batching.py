@@ -218,3 +218,34 @@ def test_kv_cache_space_is_shared_by_what_requests_can_use(tiny_dir):
     assert peak == [1, 1100]
     assert run(_drained(engine)) and engine.kv_cache_use() == (0, 2048)
     engine.close()
+
+
+def test_dequantized_decode_gives_the_4bit_kernels_tokens(tiny_dir, engine_nf4):
+    """dequantized_decode "on": decode steps of several rows multiply by copies of the 4-bit weights that
+    bitsandbytes dequantized once; concurrent greedy streams give the tokens (and nearly the logprobs) of the
+    4-bit kernels, and the copies are really what those steps used."""
+    from conftest import _engine
+
+    class Counting(dict):
+        used = 0
+
+        def get(self, key, default=None):
+            Counting.used += 1
+            return super().get(key, default)
+
+    engine = _engine(tiny_dir, "nf4", {"dequantized_decode": "on"})
+    assert engine.runner.dense and not engine_nf4.runner.dense
+    engine.runner.dense = Counting(engine.runner.dense)
+    params = GenerationParams(max_new_tokens=10, min_new_tokens=10, logprobs=True)
+
+    async def together(e):
+        return await asyncio.gather(*(_collect(e, p, params) for p in PROMPTS[:3]))
+
+    want, got = run(together(engine_nf4)), run(together(engine))
+    assert Counting.used > 0
+    for a, b in zip(want, got):
+        assert _tokens(a) == _tokens(b)
+        # bitsandbytes' 4-bit kernel on the CPU computes in bf16 (its AVX512-BF16 layout): 9e-3 off fp32 on one
+        # layer's outputs of ~2.4 here; the dequantized copies multiply in fp32.
+        assert [x for c in b for x in c.logprobs] == pytest.approx([x for c in a for x in c.logprobs], abs=1e-2)
+    engine.close()

@@ -18,7 +18,7 @@ from .batching import ScoreBatcher
 from .config import EngineConfig
 from .errors import InvalidRequest, NotReady
 from .generation import Chunk, GenerationParams, Sequence, merge
-from .neox import NeoxForward, NeoxRunner
+from .neox import NeoxForward, NeoxRunner, dequantized_bytes, dequantized_weights
 from .scheduler import Scheduler
 from .scoring import PairResult, Scorer, group_choices, layout
 from .stats import GenerationStats, StatsSink, discard
@@ -65,15 +65,31 @@ class Engine:
         g = cfg.generation
         if self.lm.device.type == "cuda":
             self.scorer.warm_up(min(max_tokens, self.window * cfg.batch.max_batch_pairs), min(1024, self.window))
-        rows, kv_tokens = self._plan_kv()
+        dense = dequantized_weights(self.lm.model, self.lm.compute_dtype) if self._dequantize() else None
+        rows, kv_tokens = self._plan_kv()  # after the dense copies: the KV cache gets what they leave
         self.runner = NeoxRunner(self.lm.model, rows, self.window, g.cuda_graphs, g.fused_decode,
-                                 eos_id=self.lm.eos_token_id, kv_tokens=kv_tokens)
+                                 eos_id=self.lm.eos_token_id, kv_tokens=kv_tokens, dense=dense)
         self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
         kv_gib = kv_tokens * NeoxRunner.kv_bytes_per_token(self.lm.model, self.lm.compute_dtype) / 2**30
         log.info("KV cache: %d token positions (%.1f GiB), up to %d sequences at once", kv_tokens, kv_gib, rows)
         self._gen_running = False  # a generation step is queued or running on the model thread
         self._gen_lock = threading.Lock()
+
+    def _dequantize(self) -> bool:
+        """Whether decode runs on dequantized copies of the 4-bit weights (GenerationConfig.dequantized_decode)."""
+        mode = self.cfg.generation.dequantized_decode
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f'generation.dequantized_decode must be "auto", "on" or "off", not {mode!r}')
+        need = dequantized_bytes(self.lm.model, self.lm.compute_dtype)
+        if mode == "off" or not need:
+            return False
+        if mode == "on":
+            return True
+        if self.lm.device.type != "cuda":
+            return False
+        total = torch.cuda.get_device_properties(self.lm.device).total_memory
+        return need <= total // 4
 
     def _plan_kv(self) -> tuple[int, int]:
         """(sequences decoded at once, KV-cache token positions): the configured numbers, else 128 sequences

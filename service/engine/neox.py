@@ -35,6 +35,29 @@ def right_pad(seqs: list[list[int]], pad: int = 0) -> torch.Tensor:
     return ids
 
 
+def _four_bit_linears(model: torch.nn.Module):
+    """(module, bitsandbytes QuantState) of each 4-bit linear layer of the transformer blocks."""
+    for layer in model.gpt_neox.layers:
+        for m in (layer.attention.query_key_value, layer.attention.dense, layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h):
+            state = getattr(m.weight, "quant_state", None)
+            if state is not None:
+                yield m, state
+
+
+def dequantized_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[torch.nn.Module, torch.Tensor]:
+    """Copies [out, in] in `dtype` of the blocks' 4-bit weights, dequantized once by bitsandbytes' own
+    dequantize_4bit (the values its kernels compute from the packed weights), keyed by module."""
+    import bitsandbytes.functional as bnbf
+
+    return {m: bnbf.dequantize_4bit(m.weight.data, st).to(dtype).reshape(st.shape) for m, st in _four_bit_linears(model)}
+
+
+def dequantized_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Memory that dequantized_weights would take (0 for a model without 4-bit layers)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return sum(torch.Size(st.shape).numel() * size for _, st in _four_bit_linears(model))
+
+
 class NeoxForward:
     """GPT-NeoX forward passes over the model's own modules without a KV cache: whole sequences (Score)
     and shared prefixes (multiple choice)."""
@@ -75,14 +98,18 @@ class NeoxForward:
         out[..., half : self.rot] = r2 * c + r1 * s
         return out
 
+    def _linear(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One of the layers' linear modules on x (NeoxRunner may swap in a dequantized weight)."""
+        return m(x)
+
     def _block(self, li: int, x: torch.Tensor, attend) -> torch.Tensor:
         """Layer li; `attend(q, k, v)` stores k/v in the cache and returns attention output."""
         B, T, D = x.shape
         attn = self.layers[li].attention
-        qkv = attn.query_key_value(self.layers[li].input_layernorm(x))  # [B, T, 3D]
+        qkv = self._linear(attn.query_key_value, self.layers[li].input_layernorm(x))  # [B, T, 3D]
         q, k, v = qkv.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
         a = attend(q, k, v)  # [B, H, T, hd]
-        a = attn.dense(a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
+        a = self._linear(attn.dense, a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
         return self._residual(li, x, a)
 
     def _residual(self, li: int, x: torch.Tensor, a: torch.Tensor, mlp_in: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,9 +117,12 @@ class NeoxForward:
         mlp_in: post_attention_layernorm(x) when already computed (parallel residual only)."""
         layer = self.layers[li]
         if self.parallel:
-            return x + a + layer.mlp(layer.post_attention_layernorm(x) if mlp_in is None else mlp_in)
+            return x + a + self._mlp(layer.mlp, layer.post_attention_layernorm(x) if mlp_in is None else mlp_in)
         x = x + a
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        return x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
+
+    def _mlp(self, mlp: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return self._linear(mlp.dense_4h_to_h, mlp.act(self._linear(mlp.dense_h_to_4h, h)))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.final_ln(h)).float()
@@ -191,9 +221,14 @@ class NeoxRunner(NeoxForward):
     kv_tokens: positions in the pool (default: a full window per row)."""
 
     def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int, use_graphs: bool, fused_decode: bool = True,
-                 eos_id: int | None = None, kv_tokens: int | None = None):
+                 eos_id: int | None = None, kv_tokens: int | None = None,
+                 dense: dict[torch.nn.Module, torch.Tensor] | None = None):
         super().__init__(model, max_len)
         dev = self.device
+        # Decode steps of more than one row multiply by these dequantized copies of the 4-bit weights
+        # (dequantized_weights) instead of bitsandbytes' 4-bit GEMM (see GenerationConfig.dequantized_decode).
+        self.dense = dense or {}
+        self._dense_now = False
         self.eos_id = eos_id
         self.fused = False
         if fused_decode and dev.type == "cuda":
@@ -276,6 +311,17 @@ class NeoxRunner(NeoxForward):
     def _decode_eager(self, B: int, T: int) -> torch.Tensor:
         """One token for each of batch rows 0..B-1, attending to its cache positions < T."""
         tok, pos, base = self._tok[:B], self._pos[:B], self._base[:B]
+        self._dense_now = B > 1 and bool(self.dense)  # batch 1: bitsandbytes' 4-bit GEMV reads less memory
+        try:
+            return self._decode_rows(B, T, tok, pos, base)
+        finally:
+            self._dense_now = False
+
+    def _linear(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense.get(m) if self._dense_now else None
+        return m(x) if w is None else F.linear(x, w, m.bias)
+
+    def _decode_rows(self, B: int, T: int, tok: torch.Tensor, pos: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         x = self.embed(tok)[:, None].to(self.dtype)  # [B, 1, D]
         if self.fused:
             x = x[:, 0]  # [B, D]
@@ -329,10 +375,10 @@ class NeoxRunner(NeoxForward):
             h, h_mlp = fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [B, D]
         else:
             h, h_mlp = layer.input_layernorm(x), None
-        q = fused.rope_store(attn.query_key_value(h), self.cos, self.sin, base, pos, self.k[li], self.v[li],
+        q = fused.rope_store(self._linear(attn.query_key_value, h), self.cos, self.sin, base, pos, self.k[li], self.v[li],
                              self.H, self.hd, self.rot)  # [B, H, 1, hd]
         a = fused.decode_attention(q, self.k[li], self.v[li], base, pos, T)  # [B, H, 1, hd]
-        a = attn.dense(a.reshape(B, -1))  # [B, D]
+        a = self._linear(attn.dense, a.reshape(B, -1))  # [B, D]
         return self._residual(li, x, a, h_mlp)
 
     def fused_problem(self, tol: float = 1e-2) -> str | None:

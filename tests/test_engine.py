@@ -117,7 +117,8 @@ def test_greedy_is_deterministic_and_stops_at_eos(engine_nf4):
     p = GenerationParams(max_new_tokens=40)
     a = _generate(engine_nf4, "오늘은 날씨가", p)
     b = _generate(engine_nf4, "오늘은 날씨가", p)
-    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    # Compared as token lists: how tokens are grouped into chunks depends on how fast the reader is.
+    assert [t for c in a for t in c.token_ids] == [t for c in b for t in c.token_ids]
     # the tiny model learned its corpus: this line ends with end-of-text well before 40 tokens
     assert a[-1].finish_reason == "eos" and len(a) < 40
 
@@ -127,8 +128,9 @@ def test_seeded_sampling_reproducible(engine_fp32):
     a = _generate(engine_fp32, "나는", p)
     b = _generate(engine_fp32, "나는", p)
     c = _generate(engine_fp32, "나는", GenerationParams(max_new_tokens=16, sampling=SamplingParams(temperature=1.5, top_k=50, seed=124)))
-    assert [x.token_ids for x in a] == [x.token_ids for x in b]
-    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    ids = [[t for x in run_ for t in x.token_ids] for run_ in (a, b, c)]  # chunk grouping depends on timing
+    assert ids[0] == ids[1]
+    assert ids[0] != ids[2]
 
 
 def test_stop_sequence_cuts_text(engine_fp32):

@@ -322,6 +322,7 @@ class NeoxRunner(NeoxForward):
         return m(x) if w is None else F.linear(x, w, m.bias)
 
     def _decode_rows(self, B: int, T: int, tok: torch.Tensor, pos: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The step itself: logits [B, V] of tokens tok [B] at positions pos [B] of ranges starting at base [B]."""
         x = self.embed(tok)[:, None].to(self.dtype)  # [B, 1, D]
         if self.fused:
             x = x[:, 0]  # [B, D]

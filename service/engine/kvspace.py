@@ -17,21 +17,26 @@ class KVSpace:
         self._free: list[tuple[int, int]] = [(0, size)] if size > 0 else []  # (start, length), sorted, never adjacent
         self.used = 0
 
+    def _first_fit(self, n: int) -> int | None:
+        """Index in the free list of the first free range of at least n positions."""
+        return next((i for i, (_, length) in enumerate(self._free) if length >= n), None)
+
     def fits(self, n: int) -> bool:
         """Whether alloc(n) would succeed now."""
-        return any(length >= n for _, length in self._free)
+        return self._first_fit(n) is not None
 
     def alloc(self, n: int) -> int | None:
         """Start of a free range of n positions, or None while no free range is that long."""
-        for i, (start, length) in enumerate(self._free):
-            if length >= n:
-                if length == n:
-                    del self._free[i]
-                else:
-                    self._free[i] = (start + n, length - n)
-                self.used += n
-                return start
-        return None
+        i = self._first_fit(n)
+        if i is None:
+            return None
+        start, length = self._free[i]
+        if length == n:
+            del self._free[i]
+        else:
+            self._free[i] = (start + n, length - n)
+        self.used += n
+        return start
 
     def free(self, start: int, n: int) -> None:
         """Give back a range that alloc() returned; it merges with free neighbours."""

@@ -197,7 +197,7 @@ class Engine:
         per chunk (each stream message through Ray's proxy costs host time on this interpreter; merging keeps
         a slow reader or many streams from slowing the engine).
         The request joins the running batch at the next engine step; a consumer that stops iterating
-        (client cancelled, deadline) leaves the batch at the step after and frees its KV slot.
+        (client cancelled, deadline) leaves the batch at the step after and frees its KV-cache range.
         Inter-token gaps in the stats: a chunk of m tokens counts m gaps of (time since the last chunk) / m."""
         self.check_generation(prompt_ids, params)
         seq = Sequence(prompt_ids, params, self.lm.tokenizer, self.lm.device)

@@ -28,7 +28,7 @@ class Scheduler:
     (end-of-text, stop sequence) has one wasted row in the step already launched, which is discarded.
     """
 
-    def __init__(self, runner: NeoxRunner, eos_id: int, max_waiting: int, prefill_chunk: int = 512):
+    def __init__(self, runner: NeoxRunner, eos_id: int, max_waiting: int, prefill_chunk: int):
         self.runner = runner
         self.eos_id = eos_id
         self.max_waiting = max_waiting

@@ -8,13 +8,21 @@ MODEL   ?= $(TINY)
 PORT    ?= 9000
 STUBS   := proto/polyglot/v1/lm_pb2.py proto/polyglot/v1/lm_pb2_grpc.py
 
-.PHONY: serve test bench bench-quick proto tiny venv clean
+.PHONY: serve test test-gpu bench bench-quick proto tiny venv clean
 
 serve: $(STUBS) $(if $(filter $(TINY),$(MODEL)),$(TINY)/BUILD.json)
 	$(BIN)/python -m service.serve.launch --model $(MODEL) --grpc-port $(PORT)
 
 test: $(STUBS) $(TINY)/BUILD.json
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The GPU suite (tests/gpu, marker `gpu`): on a GPU host, never in CI. That host's Python must already have the
+# packages (the GPU machine: ../shared/gpu/bundle.sh's site on PYTHONPATH, README "GPU test suite"); the suite
+# builds the 5.8B-shape random checkpoint in /tmp unless POLYGLOT_GPU_MODEL names one.
+GPU_PY  ?= python3
+test-gpu:
+	$(GPU_PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/polyglot/v1/lm.proto
+	PYTHONPATH=$(CURDIR):$(CURDIR)/proto:$$PYTHONPATH $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu
 
 bench: $(STUBS)
 	$(BIN)/python -m service.bench

@@ -286,14 +286,14 @@ async def drive_score(stub, pb, requests: list[list[tuple[str, str]]], tokens: l
 async def drive_generate(stub, pb, prompt: str, n_streams: int, cfg: BenchConfig) -> dict:
     import grpc
 
-    ttft, itl, lat, errors, tokens, starts = [], [], [], {}, 0, []
+    ttft, itl, lat, errors, tokens, starts, outputs = [], [], [], {}, 0, [], []
     params = pb.GenerationParameters(max_new_tokens=cfg.gen_tokens, min_new_tokens=cfg.gen_tokens, ignore_eos=True)
 
     async def one():
         nonlocal tokens
         t = time.perf_counter()
         starts.append(t - t0)
-        last, n = None, 0
+        last, n, ids = None, 0, []
         try:
             async for m in stub.GenerateStream(pb.GenerateRequest(text=prompt, parameters=params),
                                                timeout=cfg.gen_timeout_s):
@@ -304,8 +304,10 @@ async def drive_generate(stub, pb, prompt: str, n_streams: int, cfg: BenchConfig
                 elif new > 0:
                     itl.extend([(now - last) / new] * new)
                 last, n = now, m.generated_tokens
+                ids += m.token_ids
             lat.append(time.perf_counter() - t)
             tokens += n
+            outputs.append(ids)
         except grpc.aio.AioRpcError as e:
             errors[e.code().name] = errors.get(e.code().name, 0) + 1
             tokens += n
@@ -316,7 +318,8 @@ async def drive_generate(stub, pb, prompt: str, n_streams: int, cfg: BenchConfig
     return {
         "streams": n_streams, "completed": len(lat), "errors": errors, "seconds": dt, "tokens": tokens,
         "tokens_per_s": tokens / dt, "ttft_s": _lat(ttft), "itl_s": _lat(itl), "latency_s": _lat(lat),
-        "last_start_s": max(starts),
+        "last_start_s": max(starts), "samples": outputs[:: max(1, len(outputs) // 4)][:4],
+        "short_streams": sum(len(o) != cfg.gen_tokens for o in outputs),
     }
 
 
@@ -393,6 +396,43 @@ def run_service(model: str, w: Workloads, cfg: BenchConfig) -> dict:
         serve.shutdown()
         ray.shutdown()
     return res
+
+
+# --- self-check -------------------------------------------------------------------------------------
+
+class WrongOutput(RuntimeError):
+    """The service returned tokens the model does not compute: no figure of this run may be reported."""
+
+
+def check_outputs(model: str, w: Workloads, service: dict, cfg: BenchConfig) -> dict:
+    """The benchmark checks its own outputs before it reports: every completed stream carried exactly the tokens it
+    asked for, and a sample of each level's greedy streams holds transformers' own choice at every position
+    (service/verify.py; the model reloaded after the service has released the GPU). Raises WrongOutput."""
+    from .engine import loader
+    from .engine.config import ModelConfig
+    from .engine.text import encode
+    from .verify import TIE, greedy_gaps
+
+    lm = loader.load(ModelConfig(model=model))
+    prompt = encode(lm.tokenizer, w.gen_prompt)
+    out: dict = {"tie": TIE, "checked_streams": 0, "max_gap": 0.0}
+    problems = []
+    for level, g in service["generate"].items():
+        if g["short_streams"]:
+            problems.append(f"{level} streams: {g['short_streams']} completed with fewer than {cfg.gen_tokens} tokens")
+        for ids in g["samples"]:
+            gaps = greedy_gaps(lm.model, prompt, ids, eos_id=lm.eos_token_id, min_new=cfg.gen_tokens)
+            out["checked_streams"] += 1
+            out["max_gap"] = max(out["max_gap"], max(gaps))
+            if max(gaps) > TIE:
+                i = gaps.index(max(gaps))
+                problems.append(f"{level} streams: token {i} ({ids[i]}) is {gaps[i]:.3f} below transformers' choice")
+    del lm
+    gc.collect()
+    out["problems"] = problems
+    if problems:
+        raise WrongOutput("; ".join(problems))
+    return out
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -537,6 +577,14 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{'quick' if cfg.quick else 'gpu'}"
+    try:
+        result["check"] = check_outputs(model, w, result["service"], cfg)
+    except WrongOutput as e:
+        result["check"] = {"problems": str(e)}
+        (out / f"{stem}-WRONG.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        raise SystemExit(f"BENCHMARK FAILED ITS OUTPUT CHECK, no table: {e}") from None
+    print(f"output check: {result['check']['checked_streams']} streams hold transformers' tokens "
+          f"(largest gap {result['check']['max_gap']:.3f} <= {result['check']['tie']})", flush=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     if "baselines" in result:
         md = table(result)

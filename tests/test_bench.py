@@ -9,7 +9,37 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.integration
+
+def test_output_check_fails_loudly_on_dropped_tokens(tiny_dir):
+    """The self-check that gates the report: transformers' own greedy tokens pass; the same stream with two
+    tokens dropped (the CUDA-graph capture bug seen on an H200), or cut short, raises WrongOutput."""
+    import torch
+
+    from service.bench import BenchConfig, WrongOutput, check_outputs, make_workloads
+    from service.engine import loader
+    from service.engine.config import ModelConfig
+    from service.engine.text import encode
+
+    cfg = BenchConfig.quick_config(str(tiny_dir))
+    cfg.gen_tokens = 24
+    lm = loader.load(ModelConfig(model=str(tiny_dir), device="cpu"))
+    w = make_workloads(lm.tokenizer, cfg)
+    prompt = encode(lm.tokenizer, w.gen_prompt)
+    good = lm.model.generate(torch.tensor([prompt]), max_new_tokens=26, min_new_tokens=26, do_sample=False,
+                             pad_token_id=lm.tokenizer.pad_token_id)[0, len(prompt):].tolist()
+    assert len(set(good)) > 5  # a text that moves: a dropped token shows
+
+    def level(samples, short=0):
+        return {"generate": {"2": {"samples": samples, "short_streams": short}}}
+
+    assert check_outputs(str(tiny_dir), w, level([good[:24]]), cfg)["checked_streams"] == 1
+    with pytest.raises(WrongOutput, match="below transformers"):
+        check_outputs(str(tiny_dir), w, level([good[:7] + good[9:26]]), cfg)
+    with pytest.raises(WrongOutput, match="fewer than"):
+        check_outputs(str(tiny_dir), w, level([good[:24]], short=1), cfg)
+
+
+@pytest.mark.integration
 
 
 def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
@@ -29,5 +59,6 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
     for k in ("raw_forward", "hflm", "generate"):
         assert k in b
     assert b["hflm"]["pairs"]["tokens_per_s"] > 0 and b["hflm"]["mc"]["tokens_per_s"] > 0
+    assert r["check"]["checked_streams"] >= 2 and not r["check"]["problems"]  # the run checked its own outputs
     md = (tmp_path / "bench-quick.md").read_text()
     assert "| Score, independent pairs (tokens/s) |" in md and "ratio" in md

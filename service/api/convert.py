@@ -53,6 +53,7 @@ class GenerateAccumulator:
             prompt_tokens=self.prompt_tokens,
             generated_tokens=self.generated,
             seed=self.seed,
+            token_ids=self.ids,
         )
         if self.want_details:
             r.details.CopyFrom(token_details(self.ids, self.logprobs, self.top_ids, self.top_lps, self.token_text))

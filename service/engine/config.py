@@ -24,6 +24,9 @@ class ModelConfig:
     """"auto" (cuda:0 when a GPU is visible, else cpu), "cpu", or "cuda:N"."""
     max_context: int = 0
     """Window in tokens; 0 takes the model's max_position_embeddings."""
+    stall_s: float = 120.0
+    """Health: one task of the model thread (an engine step, a Score batch) running longer than this reads as a
+    wedged device, and health checks fail; the longest legal task is about a second."""
     cudnn_attention: bool = False
     """Let torch use cuDNN's fused attention on the GPU. Off by default: cuDNN builds a kernel for each new
     attention shape at its first use, which showed as slow first requests of each length (time to first

@@ -75,6 +75,8 @@ class Engine:
         log.info("KV cache: %d token positions (%.1f GiB), up to %d sequences at once", kv_tokens, kv_gib, rows)
         self._gen_running = False  # a generation step is queued or running on the model thread
         self._gen_lock = threading.Lock()
+        self._busy_since: float | None = None  # when the model thread's task in progress started
+        self._device_check: concurrent.futures.Future | None = None  # the health check queued on the model thread
 
     def _dequantize(self) -> bool:
         """Whether decode runs on dequantized copies of the 4-bit weights (GenerationConfig.dequantized_decode)."""
@@ -113,8 +115,20 @@ class Engine:
     def window(self) -> int:
         return self.lm.max_context
 
+    def _timed(self, fn, *args):
+        """Run fn on the model thread, noting since when it is busy (the health check reads it)."""
+        self._busy_since = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self._busy_since = None
+
+    def _submit(self, fn, *args) -> concurrent.futures.Future:
+        """Queue fn on the model thread: the only thread that touches the GPU once the engine has started."""
+        return self._model_thread.submit(self._timed, fn, *args)
+
     async def _on_model_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+        return await asyncio.wrap_future(self._submit(fn, *args))
 
     async def _on_tokenizer_thread(self, fn, *args):
         """Off the event loop (a few-shot context or a text to score is thousands of characters), on one
@@ -206,7 +220,7 @@ class Engine:
         with self._gen_lock:
             start, self._gen_running = not self._gen_running, True
         if start:
-            self._model_thread.submit(self._generation_step)
+            self._submit(self._generation_step)
         t0 = time.monotonic()
         last, gaps, ttft, reason = None, [], 0.0, "cancelled"
         try:
@@ -267,7 +281,7 @@ class Engine:
             if not self._gen_running:
                 return
         try:
-            self._model_thread.submit(self._generation_step)
+            self._submit(self._generation_step)
         except RuntimeError:  # the executor was shut down (close())
             with self._gen_lock:
                 self._gen_running = False
@@ -306,11 +320,22 @@ class Engine:
         return [self.lm.tokenizer.decode([i]) for i in ids]
 
     async def probe(self) -> None:
-        """Health: allocate and read back a tensor on the model's device. Runs beside the model
-        thread, not behind it, so a long Score queue does not read as an unhealthy replica."""
+        """Health, touching the GPU from the model thread only (another thread's CUDA call can break a graph
+        being replayed or captured): a model thread busy with one task for longer than ModelConfig.stall_s
+        is unhealthy (a wedged device or kernel); busy for less, it is alive; idle, it reads a tensor back
+        from the device. However many probes arrive, at most one such check waits on the model thread."""
         if self._closed:
             raise NotReady("engine is shut down")
-        await asyncio.to_thread(self._touch_device)
+        since = self._busy_since
+        if since is not None:
+            busy = time.monotonic() - since
+            if busy > self.cfg.model.stall_s:
+                raise RuntimeError(f"the model thread has been busy with one task for {busy:.0f} s")
+            return
+        check = self._device_check
+        if check is None or check.done():
+            check = self._device_check = self._submit(self._touch_device)
+        await asyncio.wrap_future(check)
 
     def _touch_device(self) -> None:
         x = torch.ones(8, device=self.lm.device)

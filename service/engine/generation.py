@@ -88,7 +88,8 @@ class Sequence:
         self.generator, self.seed = new_generator(params.sampling.seed, device)
         self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
         self.stops = StopMatcher(params.stop)
-        self.seen = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # [S] for repetition penalty
+        self.device = device
+        self._seen: torch.Tensor | None = None  # [S] prompt + generated ids, for the repetition penalty
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.prefilled = 0  # prompt tokens already in the KV cache
@@ -98,6 +99,15 @@ class Sequence:
         self.cancelled = False
         self.sink = None  # where the scheduler's caller delivers this sequence's chunks (an asyncio.Queue)
         self.loop = None  # the event loop that sink belongs to
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """Prompt and generated ids [S] on the model's device. Made at first use, on the model thread: a
+        sequence is created on the event loop, and only the model thread may touch the GPU (a CUDA call
+        from another thread while a graph is captured or replayed breaks it)."""
+        if self._seen is None:
+            self._seen = torch.tensor(self.prompt_ids + self.generated, dtype=torch.long, device=self.device)
+        return self._seen
 
     @property
     def length(self) -> int:
@@ -127,8 +137,8 @@ def accept(seq: Sequence, tok: int, eos_id: int, logp: torch.Tensor | None) -> C
     logp: the model's log-distribution [V] at this step, when the request asked for logprobs."""
     p = seq.params
     seq.generated.append(tok)
-    if p.sampling.repetition_penalty != 1.0:
-        seq.seen = torch.cat([seq.seen, torch.tensor([tok], device=seq.seen.device)])
+    if p.sampling.repetition_penalty != 1.0 and seq._seen is not None:
+        seq._seen = torch.cat([seq._seen, torch.tensor([tok], device=seq.device)])
     n = len(seq.generated)
     lps, top_i, top_v = [], [], []
     if logp is not None:

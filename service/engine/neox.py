@@ -5,7 +5,8 @@ loaded); only the attention bookkeeping is ours. The cache is one pool of token 
 each sequence owns a contiguous range of it (engine/kvspace.py), so prefill attends over a plain slice,
 and a decode step over batch rows 0..n-1 is told where each row's range starts. On CUDA that step is
 captured once per (batch bucket, length bucket) in a CUDA graph: a batch-1 step is ~60 kernel launches
-per layer, which cost more than the nf4 matmuls themselves.
+per layer, which cost more than the nf4 matmuls themselves. Every bucket is captured by warm_up() before
+the replica serves; a capture's warm-up steps run on a scratch window, never on a live sequence's range.
 """
 from __future__ import annotations
 
@@ -460,34 +461,73 @@ class NeoxRunner(NeoxForward):
     def _step(self, n: int, max_position: int) -> torch.Tensor:
         B = self._batch(n)
         T = next(t for t in self.len_buckets if t > max_position)
-        if not self.use_graphs:
+        graph = self._graphs.get((B, T))
+        if graph is None:
+            # Every bucket is captured by warm_up(): capturing here, while serving, would race other threads'
+            # GPU work and needs warm-up steps. Without graphs (CPU, or graphs off) the step runs eagerly.
+            if self.use_graphs:
+                raise RuntimeError(f"no CUDA graph for batch {B} x {T} positions (warm_up() captures them all)")
             return self._decode_eager(B, T)
-        key = (B, T)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(B, T)
-        graph, out = self._graphs[key]
-        graph.replay()
+        g, out = graph
+        g.replay()
         return out[:n]
 
+    def _on_scratch(self, B: int, fn):
+        """Run fn() with batch rows 0..B-1 fed token 0 at position 0 of the scratch window after the pool, then
+        put every step input back: warm-up steps write K/V and advance the inputs like real ones, so they must
+        never see a live row's range or leave the next real step fed their tokens and positions."""
+        saved = [t.clone() for t in (self._tok, self._pos, self._base, self._no_eos)]
+        try:
+            self._tok[:B] = 0
+            self._pos[:B] = 0
+            self._base[:B] = self._scratch
+            self._no_eos[:B] = False
+            return fn()
+        finally:
+            for t, v in zip((self._tok, self._pos, self._base, self._no_eos), saved):
+                t.copy_(v)
+
+    def _warm(self, B: int, T: int, times: int = 2) -> None:
+        """Eager decode steps on the scratch window (lazy inits, Triton autotuning, allocator) before a capture."""
+        def steps():
+            for _ in range(times):
+                self._decode_eager(B, T)
+
+        self._on_scratch(B, steps)
+
     def _capture(self, B: int, T: int):
+        """The decode step of rows 0..B-1 over T positions as a CUDA graph; reads and writes only scratch while
+        capturing. "thread_local" capture mode: CUDA calls of other threads meanwhile do not invalidate the capture
+        (warm_up runs before the replica serves, and no other thread uses the GPU, but a stray one must not
+        turn into a failed capture)."""
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):  # warm-up outside the graph: lazy inits, autotuning, allocator
-                self._decode_eager(B, T)
+            self._warm(B, T)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
-            out = self._decode_eager(B, T)
+
+        def capture():
+            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+                return self._decode_eager(B, T)
+
+        out = self._on_scratch(B, capture)
+        torch.cuda.synchronize()
         return g, out
 
     @torch.inference_mode()
     def warm_up(self, max_batch: int) -> None:
-        """Capture the decode graphs of the shortest length bucket before the replica reports ready."""
+        """Capture the decode graph of every (batch bucket, length bucket) before the replica reports ready, so
+        that no graph is ever captured while serving."""
         if self.use_graphs:
-            for B in self.batch_buckets:
-                if B <= max_batch:
-                    self._graphs[(B, self.len_buckets[0])] = self._capture(B, self.len_buckets[0])
+            for T in self.len_buckets:
+                for B in self.batch_buckets:
+                    if B <= max_batch:
+                        self._graphs[(B, T)] = self._capture(B, T)
+
+    def graph_buckets(self) -> list[tuple[int, int]]:
+        """The (batch rows, key positions) buckets captured as CUDA graphs."""
+        return sorted(self._graphs)
 
 
 class TokenFetch:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 
 import torch
@@ -10,6 +11,18 @@ from .errors import QueueFull
 from .generation import Chunk, Sequence, accept, choose
 from .kvspace import KVSpace
 from .neox import NeoxRunner, TokenFetch
+
+log = logging.getLogger(__name__)
+Output = tuple[Sequence, "Chunk | BaseException"]
+
+
+def _failed(seqs: list[Sequence], e: BaseException) -> list[Output]:
+    """The sequences a forward pass or token choice that raised was for: each gets the exception, and leaves the
+    batch at the next step; sequences that were not part of that work go on."""
+    log.error("generation work of %d sequence(s) failed: %s: %s", len(seqs), type(e).__name__, e)
+    for s in seqs:
+        s.cancelled = True
+    return [(s, e) for s in seqs]
 
 
 class Scheduler:
@@ -20,7 +33,8 @@ class Scheduler:
     cache has a free range of prompt + max_new_tokens positions for the next one; runs at most `prefill_chunk`
     prompt tokens of prefill (so a long newcomer delays running streams by one chunk, not by its
     whole prompt; short newcomers are prefilled several per step), then one batched decode step for
-    every running sequence, and returns the chunks produced, in the form [(sequence, chunk)].
+    every running sequence, and returns the chunks produced, in the form [(sequence, chunk)]. A forward pass
+    or token choice that raises fails the sequences it was for, as (sequence, exception), and no others.
 
     Pipelining: while the batch stays the same and every sequence is plain greedy, a step launches the
     next decode step on the GPU (fed the argmax tokens the GPU already holds) before it reads its own
@@ -87,10 +101,10 @@ class Scheduler:
         seq.slot = seq.kv_base = -1
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Sequence, Chunk]]:
+    def step(self) -> list[Output]:
         if self._pending is not None:
             return self._step_pipelined()
-        out: list[tuple[Sequence, Chunk]] = []
+        out: list[Output] = []
         for seq in [s for s in self.running if s.cancelled or s.finish_reason]:
             self._remove(seq)
         with self._lock:
@@ -121,16 +135,24 @@ class Scheduler:
                 continue
             a = seq.prefilled
             b = min(len(seq.prompt_ids), a + budget)
-            logits = self.runner.prefill(seq.kv_base, seq.prompt_ids[a:b], a)  # [V]
-            seq.prefilled = b
             budget -= b - a
+            try:
+                logits = self.runner.prefill(seq.kv_base, seq.prompt_ids[a:b], a)  # [V]
+            except Exception as e:  # noqa: BLE001 - this newcomer fails, the batch goes on
+                out.extend(_failed([seq], e))
+                continue
+            seq.prefilled = b
             if b == len(seq.prompt_ids):
                 out.extend(self._next_batch([seq], logits[None]))
         if whole:
-            logits = self.runner.prefill_new([s.kv_base for s in whole], [s.prompt_ids for s in whole])  # [n, V]
-            for seq in whole:
-                seq.prefilled = len(seq.prompt_ids)
-            out.extend(self._next_batch(whole, logits))
+            try:
+                logits = self.runner.prefill_new([s.kv_base for s in whole], [s.prompt_ids for s in whole])  # [n, V]
+            except Exception as e:  # noqa: BLE001
+                out.extend(_failed(whole, e))
+            else:
+                for seq in whole:
+                    seq.prefilled = len(seq.prompt_ids)
+                out.extend(self._next_batch(whole, logits))
 
         # Decode: one batched step over slots 0..n-1. Rows whose sequence is not ready (mid-prefill,
         # finished, cancelled) are fed a dummy token at a position their next prefill chunk overwrites
@@ -139,14 +161,17 @@ class Scheduler:
                  for s in self.running]
         if not any(ready):
             return out
+        rows = [i for i, r in enumerate(ready) if r]
         tokens = [s.generated[-1] if r else 0 for s, r in zip(self.running, ready)]
         positions = [s.length - 1 if r else min(s.prefilled, s.length - 1) for s, r in zip(self.running, ready)]
-        self.runner.forbid_eos([r and s.needs_eos_mask() for s, r in zip(self.running, ready)])
-        logits = self.runner.decode(tokens, positions, [s.kv_base for s in self.running])  # [n, V]
-        if all(ready) and all(self._greedy_only(s, 0) for s in self.running):
-            self._pending = (list(self.running), self.runner.next_tokens(len(self.running)))
-            return out
-        rows = [i for i, r in enumerate(ready) if r]
+        try:
+            self.runner.forbid_eos([r and s.needs_eos_mask() for s, r in zip(self.running, ready)])
+            logits = self.runner.decode(tokens, positions, [s.kv_base for s in self.running])  # [n, V]
+            if all(ready) and all(self._greedy_only(s, 0) for s in self.running):
+                self._pending = (list(self.running), self.runner.next_tokens(len(self.running)))
+                return out
+        except Exception as e:  # noqa: BLE001 - the decoded rows fail; mid-prefill newcomers go on
+            return out + _failed([self.running[i] for i in rows], e)
         out.extend(self._next_batch([self.running[i] for i in rows], logits[rows]))
         return out
 
@@ -159,7 +184,7 @@ class Scheduler:
         return (seq.simple_greedy and not p.logprobs and n < p.max_new_tokens
                 and not seq.cancelled and not seq.finish_reason)
 
-    def _step_pipelined(self) -> list[tuple[Sequence, Chunk]]:
+    def _step_pipelined(self) -> list[Output]:
         """Launch the next greedy step if the batch is unchanged, then read back and accept the pending one."""
         seqs, fetch = self._pending
         self._pending = None
@@ -167,18 +192,24 @@ class Scheduler:
             admit = bool(self.waiting) and len(self.running) < self.slots and self.kv.fits(self.waiting[0].kv_size)
         # Each sequence's pending token sits at position s.length, the one after its accepted tokens.
         last = max(s.length for s in seqs)
-        if not admit and self.running == seqs and all(self._greedy_only(s, 1) for s in seqs) and last < self.runner.max_len:
-            self.runner.forbid_eos([s.needs_eos_mask(1) for s in seqs])
-            self.runner.decode_again(len(seqs), last)
-            self._pending = (seqs, self.runner.next_tokens(len(seqs)))
+        try:
+            if not admit and self.running == seqs and all(self._greedy_only(s, 1) for s in seqs) and last < self.runner.max_len:
+                self.runner.forbid_eos([s.needs_eos_mask(1) for s in seqs])
+                self.runner.decode_again(len(seqs), last)
+                self._pending = (seqs, self.runner.next_tokens(len(seqs)))
+            tokens = fetch.wait()
+        except Exception as e:  # noqa: BLE001
+            self._pending = None
+            return _failed([s for s in seqs if not (s.cancelled or s.finish_reason)], e)
         out = []
-        for s, tok in zip(seqs, fetch.wait()):
+        for s, tok in zip(seqs, tokens):
             if not (s.cancelled or s.finish_reason):
                 out.append((s, accept(s, tok, self.eos_id, None)))
         return out
 
-    def _next_batch(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Chunk]]:
-        """Choose one token per sequence from logits [n, V]: greedy rows in one batched argmax."""
+    def _next_batch(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Output]:
+        """Choose one token per sequence from logits [n, V]: greedy rows in one batched argmax; a row whose
+        choice raises fails alone."""
         # Logprobs describe the model's own distribution: taken before any masking.
         logp = torch.log_softmax(logits, -1) if any(s.params.logprobs for s in seqs) else None  # [n, V]
         mask_rows = [i for i, s in enumerate(seqs) if s.needs_eos_mask()]
@@ -187,6 +218,9 @@ class Scheduler:
         greedy = logits.argmax(-1).tolist() if any(s.simple_greedy for s in seqs) else None
         out = []
         for i, s in enumerate(seqs):
-            tok = choose(s, logits[i], greedy[i] if greedy and s.simple_greedy else None)
-            out.append((s, accept(s, tok, self.eos_id, logp[i] if logp is not None and s.params.logprobs else None)))
+            try:
+                tok = choose(s, logits[i], greedy[i] if greedy and s.simple_greedy else None)
+                out.append((s, accept(s, tok, self.eos_id, logp[i] if logp is not None and s.params.logprobs else None)))
+            except Exception as e:  # noqa: BLE001
+                out.extend(_failed([s], e))
         return out

@@ -1,0 +1,95 @@
+"""What the GPU suite shares: the 5.8B-shape checkpoint, one engine at a time, and transformers' own greedy and
+sampling choices to hold the engine's tokens against (service/verify.py says why a near-tie tolerance)."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.verify import TIE, greedy_gaps, reference_logits  # noqa: F401 - the suite's reference
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, needs_gpu]
+
+SAMPLE_TIE = 0.08
+"""Largest difference of exponential-race scores (log p - log E) between two tokens accepted as a near-tie when a
+seeded sampled sequence differs between two runs."""
+
+_ENGINE = None
+
+
+def model_dir() -> str:
+    """The checkpoint under test: $POLYGLOT_GPU_MODEL, else the benchmark's 5.8B-shape random one (built if missing)."""
+    from service.bench import _gpu_model
+
+    return _gpu_model(os.environ.get("POLYGLOT_GPU_MODEL") or None)
+
+
+def shared_engine(**generation):
+    """One Engine with the shipped defaults (nf4, float16, CUDA graphs, fused kernels, dequantized decode where
+    it fits), shared by the modules that run in-process; release_engine() frees its GPU memory."""
+    global _ENGINE
+    if _ENGINE is None:
+        from service.engine.config import EngineConfig, GenerationConfig, ModelConfig
+        from service.engine.engine import Engine
+
+        _ENGINE = Engine(EngineConfig(model=ModelConfig(model=model_dir()), generation=GenerationConfig(**generation)))
+    return _ENGINE
+
+
+def release_engine() -> None:
+    global _ENGINE
+    if _ENGINE is not None:
+        _ENGINE.close()
+        _ENGINE = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def record(name: str, **data) -> None:
+    """Add measured figures to the report file named by $POLYGLOT_GPU_REPORT (if set), and print them."""
+    print(name, json.dumps(data), flush=True)
+    path = os.environ.get("POLYGLOT_GPU_REPORT")
+    if not path:
+        return
+    p = Path(path)
+    report = json.loads(p.read_text()) if p.exists() else {}
+    report[name] = data
+    p.write_text(json.dumps(report, indent=2))
+
+
+def prompt_ids(n: int, seed: int, vocab: int = 30000) -> list[int]:
+    """n random token ids of the tokenizer's ordinary range (no special tokens), the same for a given seed."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def tokens(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def sampled_tie(model, prompt: list[int], prefix: list[int], a: int, b: int, params, seed: int) -> float:
+    """At the first token where two runs of one seeded request differ (same prefix, so the same noise draw),
+    how close tokens a and b are under transformers' distribution: |score(a) - score(b)| with
+    score = log p - log E, the exponential race that engine/sampling.py runs (E: the request generator's
+    draw for this step)."""
+    from service.engine.sampling import _filter, apply_repetition_penalty
+
+    row = reference_logits(model, prompt, prefix + [a])[-1]  # [V] after prompt + prefix
+    row = apply_repetition_penalty(row, torch.tensor(prompt + prefix, device=row.device), params.repetition_penalty)
+    logp = torch.log_softmax(_filter(row, params), -1).cpu()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(len(prefix) + 1):  # one [V] draw per sampled token
+        noise = torch.empty_like(logp).exponential_(generator=g)
+    score = logp - noise.log()
+    return float((score[a] - score[b]).abs())
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token of two token lists (None if one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)

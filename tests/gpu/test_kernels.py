@@ -1,0 +1,66 @@
+"""The decode step's fast paths on the GPU against the paths they replace, on the same weights and inputs: the fused
+Triton kernels against the torch code, the dequantized fp16 weights against bitsandbytes' 4-bit kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_support import TIE, prompt_ids, pytestmark, record, shared_engine  # noqa: F401
+
+REL = 1e-2
+"""Largest ||a - b|| / ||b|| of two paths' logits: fp16 rounding in 28 layers (measured on an H200: 1.9e-3 fused
+vs torch, 2.2e-3 dequantized vs 4-bit); a wrong kernel (rotary, cache index, mask) moves the logits by their own
+size."""
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return shared_engine()
+
+
+def _runner(engine, fused: bool, dense: bool):
+    from service.engine.neox import NeoxRunner
+
+    return NeoxRunner(engine.lm.model, 4, engine.window, use_graphs=True, fused_decode=fused,
+                      eos_id=engine.lm.eos_token_id, kv_tokens=4 * engine.window,
+                      dense=engine.runner.dense if dense else None)
+
+
+def _compare(a, b, steps: int = 24):
+    """Prefill four sequences (30-1,500 tokens, so decoding uses several length buckets) into both runners, then
+    decode `steps` tokens on both, fed the same tokens (a's greedy choices): per-step relative error of b's
+    logits against a's, and the largest gap below a's best of b's choice."""
+    a.warm_up(4)
+    b.warm_up(4)
+    prompts = [prompt_ids(n, seed=n) for n in (30, 250, 500, 1500)]
+    bases = [i * a.max_len for i in range(4)]
+    la, lb = a.prefill_new(bases, prompts), b.prefill_new(bases, prompts)  # [4, V]
+    rel, gap = [], 0.0
+    pos = [len(p) for p in prompts]
+    for _ in range(steps):
+        tok = la.argmax(-1).tolist()
+        gap = max(gap, float((la.max(-1).values - la.gather(-1, lb.argmax(-1, keepdim=True))[:, 0]).max()))
+        la, lb = a.decode(tok, pos, bases).clone(), b.decode(tok, pos, bases).clone()
+        rel.append(float((lb - la).norm() / la.norm()))
+        pos = [p + 1 for p in pos]
+    return rel, gap
+
+
+def test_fused_kernels_equal_the_torch_path(engine):
+    fused, torch_path = _runner(engine, True, False), _runner(engine, False, False)
+    assert fused.fused and fused.fused_problem() is None  # compiled here and passed the start-up check
+    assert not torch_path.fused
+    rel, gap = _compare(torch_path, fused)
+    record("fused_vs_torch", max_rel=max(rel), mean_rel=sum(rel) / len(rel), max_choice_gap=gap)
+    assert max(rel) <= REL and gap <= TIE
+
+
+def test_dequantized_decode_equals_the_4bit_kernels(engine):
+    """Batch 4 (dequantized weights are used above one row), fused kernels in both."""
+    four_bit, dense = _runner(engine, True, False), _runner(engine, True, True)
+    assert dense.dense and not four_bit.dense
+    rel, gap = _compare(four_bit, dense)
+    record("dequantized_vs_4bit", max_rel=max(rel), mean_rel=sum(rel) / len(rel), max_choice_gap=gap)
+    assert max(rel) <= REL and gap <= TIE
+    del four_bit, dense
+    torch.cuda.empty_cache()

@@ -424,6 +424,8 @@ def check_outputs(model: str, w: Workloads, service: dict, cfg: BenchConfig) -> 
             gaps = greedy_gaps(lm.model, prompt, ids, eos_id=lm.eos_token_id, min_new=cfg.gen_tokens)
             out["checked_streams"] += 1
             out["max_gap"] = max(out["max_gap"], max(gaps))
+            # A text looping on one token would hide dropped tokens: say how much the checked texts move.
+            out["min_distinct_tokens"] = min(out.get("min_distinct_tokens", len(ids)), len(set(ids)))
             if max(gaps) > TIE:
                 i = gaps.index(max(gaps))
                 problems.append(f"{level} streams: token {i} ({ids[i]}) is {gaps[i]:.3f} below transformers' choice")

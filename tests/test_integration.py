@@ -60,6 +60,11 @@ def test_generate_and_stream_agree(client):
     assert msgs[-1].finish_reason == unary.finish_reason
     assert msgs[-1].generated_tokens == unary.generated_tokens
     assert unary.prompt_tokens == len(client.tokenize("오늘은 날씨가").ids)
+    # Token ids come with every response, logprobs or not: the stream's messages add up to the unary ids, which
+    # include the end-of-text token and detokenize to the text.
+    assert len(unary.token_ids) == unary.generated_tokens and unary.token_ids[-1] == client.tokenize("<|endoftext|>").ids[0]
+    assert [t for m in msgs for t in m.token_ids] == list(unary.token_ids)
+    assert client.detokenize(unary.token_ids[:-1]) == unary.text
 
 
 def test_stream_pieces_are_whole_characters(client):

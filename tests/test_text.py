@@ -34,6 +34,25 @@ def test_pair_is_encoded_whole_then_split(tok):
     assert p.context_ids == encode(tok, ctx)
 
 
+def test_a_merge_across_the_seam_is_split_as_lm_eval_splits_it(tok, tiny_dir):
+    """"오늘은 날" + "씨가 맑다": the tiny BPE merges bytes of 날 and 씨 across the seam. lm-eval's HFLM keeps the
+    context encoded alone and takes the joint encoding past the context's length as the continuation; the
+    pair lists are then not the joint encoding (and the service scores them as lm-eval does)."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import GPTNeoXForCausalLM
+
+    from service.engine.text import BatchEncoder, encode_pairs
+
+    ctx, cont = "오늘은 날", "씨가 맑다"
+    p = encode_pair(tok, ctx, cont, tok.eos_token_id)
+    assert p.context_ids + p.continuation_ids != encode(tok, ctx + cont)  # the seam case is really here
+    hf = HFLM(pretrained=GPTNeoXForCausalLM.from_pretrained(tiny_dir), tokenizer=tok, batch_size=1, device="cpu")
+    want_ctx, want_cont = hf._encode_pair(ctx, cont)
+    assert (p.context_ids, p.continuation_ids) == (want_ctx, want_cont)
+    (q,) = encode_pairs(BatchEncoder(tok), [(ctx, cont)], tok.eos_token_id)
+    assert q == p
+
+
 def _split_syllable_ids(tok):
     """Token ids of a text in which some token ends inside a Hangul syllable (3 UTF-8 bytes)."""
     text = "뷁궯쭯 햏 오늘은 날씨가 맑다"  # rare syllables: not merges of the tiny BPE

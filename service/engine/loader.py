@@ -33,6 +33,13 @@ class LoadedModel:
     model_id: str
     revision: str
     tokenizer_hash: str
+    quant_storage: str = "none"
+    """Storage dtype of the packed 4-bit weights (bitsandbytes' quant_storage), read off the loaded modules."""
+    double_quant: bool = False
+    """Whether the 4-bit layers' quantization constants are themselves quantized (read off the modules)."""
+    checkpoint_compute_dtype: str = "none"
+    """The compute dtype stored in a saved 4-bit checkpoint's quantization config (the engine computes in
+    compute_dtype whatever it says)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,6 +53,47 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         # fp16 on CPU is slow and lossy; fp32 keeps the CPU path exact against transformers.
         return torch.float16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+def check_servable(hf_config) -> None:
+    """Refuse, before loading any weights, a model the engine cannot serve exactly: it runs its own GPT-NeoX forward
+    (plain rotary embeddings) over bitsandbytes 4-bit or unquantized layers."""
+    kind = getattr(hf_config, "model_type", None)
+    if kind != "gpt_neox":
+        raise ValueError(f"the engine serves GPT-NeoX models (polyglot-ko's architecture), not {kind!r}")
+    scaling = getattr(hf_config, "rope_scaling", None)
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"rope scaling {scaling} is not implemented by the engine's rotary embedding")
+    if _prequantized(hf_config) not in (None, "nf4", "fp4"):
+        raise ValueError(f"checkpoint is quantized as {_prequantized(hf_config)!r}: only bitsandbytes 4-bit "
+                         "(nf4, fp4) or unquantized checkpoints are served")
+
+
+def _four_bit_layers(model: torch.nn.Module) -> list:
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _compute_in(model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """Make every 4-bit layer compute in `dtype` (a saved checkpoint's stored compute dtype would otherwise win:
+    bitsandbytes' defaults store float32, 10x slower than float16 on a GPU and unlike the other layers' dtype), check
+    that every other floating tensor is in `dtype` too, and return what the modules really hold."""
+    layers = _four_bit_layers(model)
+    for m in layers:
+        m.compute_dtype = dtype
+        m.compute_type_is_set = True
+    quant = {q.weight.quant_state.quant_type for q in layers}
+    others = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if others - {dtype}:
+        raise ValueError(f"model tensors in {sorted(map(str, others))}, expected only {dtype}")
+    if len(quant) > 1:
+        raise ValueError(f"the model mixes 4-bit types {sorted(quant)}")
+    return {
+        "quantization": quant.pop() if quant else "none",
+        "quant_storage": str(layers[0].weight.dtype).removeprefix("torch.") if layers else "none",
+        "double_quant": any(q.weight.quant_state.nested for q in layers),
+    }
 
 
 def _prequantized(hf_config) -> str | None:
@@ -87,7 +135,10 @@ def load(cfg: ModelConfig) -> LoadedModel:
     hf_config = AutoConfig.from_pretrained(cfg.model, **kw)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, **kw)
 
+    check_servable(hf_config)
     quant = _prequantized(hf_config)
+    stored = getattr(hf_config, "quantization_config", None) or {}
+    stored = stored if isinstance(stored, dict) else stored.to_dict()
     load_kw: dict = dict(dtype=dtype, device_map={"": device}, low_cpu_mem_usage=True, **kw)
     if quant is None and cfg.quantization != "none":
         if cfg.quantization not in ("nf4", "fp4"):
@@ -99,10 +150,10 @@ def load(cfg: ModelConfig) -> LoadedModel:
             bnb_4bit_use_double_quant=cfg.double_quant,
         )
         quant = cfg.quantization
-    quant = quant or "none"
     model = AutoModelForCausalLM.from_pretrained(cfg.model, **load_kw)
     model.eval()
     model.requires_grad_(False)
+    modules = _compute_in(model, dtype)
 
     n_pos = int(getattr(hf_config, "max_position_embeddings", 2048))
     max_context = min(cfg.max_context, n_pos) if cfg.max_context > 0 else n_pos
@@ -111,7 +162,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
         raise ValueError(f"tokenizer of {cfg.model} has no end-of-text token")
     local = Path(cfg.model)
     revision = cfg.revision or (_local_revision(local) if local.is_dir() else "main")
-    log.info("loaded %s (%s, %s) on %s", cfg.model, quant, dtype, device)
+    log.info("loaded %s (%s, %s) on %s", cfg.model, modules["quantization"], dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide: one model per replica
     return LoadedModel(
@@ -119,11 +170,14 @@ def load(cfg: ModelConfig) -> LoadedModel:
         tokenizer=tokenizer,
         device=device,
         compute_dtype=dtype,
-        quantization=quant,
+        quantization=modules["quantization"],
         max_context=max_context,
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         eos_token_id=int(eos),
         model_id=str(cfg.model) if not local.is_dir() else os.path.abspath(cfg.model),
         revision=revision,
         tokenizer_hash=tokenizer_hash(tokenizer),
+        quant_storage=modules["quant_storage"],
+        double_quant=modules["double_quant"],
+        checkpoint_compute_dtype=str(stored.get("bnb_4bit_compute_dtype", "none")).removeprefix("torch."),
     )

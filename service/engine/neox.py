@@ -78,9 +78,9 @@ class NeoxForward:
         self.max_len = max_len
         dev = self.embed.weight.device
         self.device = dev
-        # Activations follow the compute dtype that bitsandbytes was configured with (fp16 on GPU).
-        lin = self.layers[0].attention.query_key_value
-        self.dtype = getattr(lin, "compute_dtype", None) or self.embed.weight.dtype
+        # One activation dtype for every path: the model's own (the loader puts every tensor, and every 4-bit
+        # layer's compute dtype, in the engine's compute dtype).
+        self.dtype = self.embed.weight.dtype
 
         inv_freq = neox.rotary_emb.inv_freq.float().to(dev)  # [rot/2]
         self.rot = inv_freq.numel() * 2

@@ -53,8 +53,7 @@ def encode_pairs(encoder: BatchEncoder, pairs: list[tuple[str, str]], eot_id: in
         if c is None:
             out.append(EncodedPair([eot_id], ids[x], x))
         else:
-            whole, n_ctx = ids[c + x], len(ids[c])
-            out.append(EncodedPair(whole[:n_ctx], whole[n_ctx:], x))
+            out.append(EncodedPair(ids[c], ids[c + x][len(ids[c]) :], x))
     return out
 
 
@@ -67,16 +66,15 @@ def _lm_eval_split(context: str, continuation: str) -> tuple[str, str]:
 
 
 def encode_pair(tokenizer, context: str, continuation: str, eot_id: int) -> EncodedPair:
-    """lm-eval `loglikelihood` rules: empty context -> end-of-text token as the whole context;
-    trailing whitespace of the context moves to the continuation; the pair is encoded together and
-    split at the length of the context's own encoding (so a merge across the seam counts to the
-    continuation)."""
+    """lm-eval `loglikelihood` rules (HFLM `_encode_pair`): empty context -> end-of-text token as the whole
+    context; trailing whitespace of the context moves to the continuation; the context is encoded alone, and the
+    continuation is the encoding of context + continuation past the context's length. Where BPE merges across
+    the seam, that pair of token lists is not the encoding of the joined text; lm-eval scores it so, and so do we."""
     if context == "":
         return EncodedPair([eot_id], encode(tokenizer, continuation), continuation)
     context, continuation = _lm_eval_split(context, continuation)
-    whole = encode(tokenizer, context + continuation)
-    n_ctx = len(encode(tokenizer, context))
-    return EncodedPair(whole[:n_ctx], whole[n_ctx:], continuation)
+    ctx = encode(tokenizer, context)
+    return EncodedPair(ctx, encode(tokenizer, context + continuation)[len(ctx) :], continuation)
 
 
 class IncrementalDecoder:

@@ -180,6 +180,9 @@ class LanguageModelServer:
             running_sequences=running,
             waiting_requests=waiting,
             max_request_bytes=self.limits.max_request_bytes,
+            quant_storage=lm.quant_storage,
+            double_quant=lm.double_quant,
+            checkpoint_compute_dtype=lm.checkpoint_compute_dtype,
             replica_id=self._replica_id,
             node_id=self._node_id,
         )

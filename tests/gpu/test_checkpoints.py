@@ -59,14 +59,20 @@ def _pairs():
     return [(random_korean(rng, rng.randint(300, 1200)), " " + random_korean(rng, rng.randint(5, 40))) for _ in range(48)]
 
 
-def _score_rate(engine, pairs, reps: int = 3) -> tuple[list[float], float]:
-    """Log-likelihoods of pairs (one call each, all at once) and the best of `reps` timed runs in pair-tokens/s."""
+def _score_rate(engine, pairs, reps: int = 3) -> tuple[list[float], float, list[int]]:
+    """Log-likelihoods of pairs (all in one call, so the batches are the same in every engine: which pairs share a
+    batch changes fp16 results by up to ~0.03) and the best of `reps` timed runs of one call per pair, all at once
+    (as clients send them), in pair tokens (context + continuation) per second; and each continuation's tokens."""
+    from service.engine.text import encode_pair
+
     async def once():
         import asyncio
         return await asyncio.gather(*(engine.score([p], ScoreOptions()) for p in pairs))
 
     res = run(once())  # warm-up
-    n = sum(r[0].num_tokens for r in res)
+    tok, eot = engine.lm.tokenizer, engine.lm.eos_token_id
+    n = sum(len(p.context_ids) + len(p.continuation_ids) for p in (encode_pair(tok, c, x, eot) for c, x in pairs))
+    scores = [r.logprob for r in run(engine.score(pairs, ScoreOptions()))]
     best = 0.0
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -74,7 +80,7 @@ def _score_rate(engine, pairs, reps: int = 3) -> tuple[list[float], float]:
         run(once())
         torch.cuda.synchronize()
         best = max(best, n / (time.perf_counter() - t))
-    return [r[0].logprob for r in res], best
+    return scores, best, [r[0].num_tokens for r in res]
 
 
 def test_fp4_float32_checkpoint_serves_at_float16_like_quantizing_at_load(fp4_checkpoint):
@@ -97,11 +103,11 @@ def test_fp4_float32_checkpoint_serves_at_float16_like_quantizing_at_load(fp4_ch
     gen_saved = run(generate(saved))
     for p, g in zip(prompts, gen_saved):
         assert max(greedy_gaps(lm.model, p, g, eos_id=lm.eos_token_id, min_new=32)) <= TIE
-    scores_saved, rate_saved = _score_rate(saved, pairs)
+    scores_saved, rate_saved, n_tokens = _score_rate(saved, pairs)
     _free(saved)
 
     at_load = _engine(model_dir(), "fp4")  # the same fp16 weights, quantized as fp4 while loading
-    scores_load, rate_load = _score_rate(at_load, pairs)
+    scores_load, rate_load, _ = _score_rate(at_load, pairs)
     gen_load = run(generate(at_load))
     _free(at_load)
     assert gen_load == gen_saved
@@ -109,18 +115,18 @@ def test_fp4_float32_checkpoint_serves_at_float16_like_quantizing_at_load(fp4_ch
     assert diff <= 1e-4, f"saved fp4 checkpoint scores {diff} away from the same weights quantized at load"
 
     nf4 = _engine(model_dir(), "nf4")
-    scores_nf4, rate_nf4 = _score_rate(nf4, pairs)
+    scores_nf4, rate_nf4, _ = _score_rate(nf4, pairs)
     _free(nf4)
     fp16 = _engine(model_dir(), "none")
-    scores_fp16, rate_fp16 = _score_rate(fp16, pairs)
+    scores_fp16, rate_fp16, _ = _score_rate(fp16, pairs)
     _free(fp16)
 
-    n_tokens = [len(x) for _, x in pairs]  # characters, for a per-pair scale only
     dev = {name: {"mean_abs": sum(abs(a - b) for a, b in zip(s, scores_fp16)) / len(s),
-                  "max_abs": max(abs(a - b) for a, b in zip(s, scores_fp16))}
+                  "max_abs": max(abs(a - b) for a, b in zip(s, scores_fp16)),
+                  "mean_abs_per_token": sum(abs(a - b) / n for a, b, n in zip(s, scores_fp16, n_tokens)) / len(s)}
            for name, s in (("fp4", scores_saved), ("nf4", scores_nf4))}
     record("checkpoint_fp4_f32", saved_vs_at_load_max_diff=diff, score_tokens_per_s={
         "fp4 checkpoint (float32 stored) served at float16": rate_saved, "fp4 quantized at load": rate_load,
         "nf4 quantized at load": rate_nf4, "fp16 unquantized": rate_fp16}, deviation_from_fp16=dev,
-        pairs=len(pairs), continuation_chars=sum(n_tokens))
+        pairs=len(pairs), continuation_tokens=sum(n_tokens))
     assert rate_saved >= 0.9 * rate_nf4, f"fp4/float32 checkpoint {rate_saved:.0f} tokens/s vs nf4 {rate_nf4:.0f}"

@@ -27,14 +27,15 @@ def reference_logits(model, prompt: list[int], gen: list[int]) -> torch.Tensor:
 
 
 def greedy_gaps(model, prompt: list[int], gen: list[int], penalty: float = 1.0, eos_id: int | None = None,
-                min_new: int = 0) -> list[float]:
+                min_new: int = 0, choosable: int | None = None) -> list[float]:
     """For each generated token, how far its logit lies below transformers' best at that position (0 where they
-    agree), after the request's repetition penalty (over prompt and earlier tokens) and min_new_tokens mask."""
+    agree), after the request's repetition penalty (over prompt and earlier tokens) and min_new_tokens mask, among
+    the first `choosable` ids (the tokenizer's: the output layer's rows past it are padding)."""
     from .engine.sampling import apply_repetition_penalty
 
     if not gen:
         return []
-    logits = reference_logits(model, prompt, gen)  # [n, V]
+    logits = reference_logits(model, prompt, gen)[:, :choosable]  # [n, choosable]
     gaps = []
     for i, t in enumerate(gen):
         row = logits[i]
@@ -43,5 +44,5 @@ def greedy_gaps(model, prompt: list[int], gen: list[int], penalty: float = 1.0, 
         if i < min_new and eos_id is not None:
             row = row.clone()
             row[eos_id] = float("-inf")
-        gaps.append(float(row.max() - row[t]))
+        gaps.append(float("inf") if t >= row.numel() else float(row.max() - row[t]))  # a padding id: never right
     return gaps

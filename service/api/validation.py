@@ -72,6 +72,7 @@ def generation_params(p, limits: LimitsConfig) -> GenerationParams:
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
         top_logprobs=p.top_logprobs if p.logprobs else 0,
+        skip_special_tokens=p.skip_special_tokens,
     )
 
 

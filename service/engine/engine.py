@@ -68,7 +68,8 @@ class Engine:
         dense = dequantized_weights(self.lm.model, self.lm.compute_dtype) if self._dequantize() else None
         rows, kv_tokens = self._plan_kv()  # after the dense copies: the KV cache gets what they leave
         self.runner = NeoxRunner(self.lm.model, rows, self.window, g.cuda_graphs, g.fused_decode,
-                                 eos_id=self.lm.eos_token_id, kv_tokens=kv_tokens, dense=dense)
+                                 eos_id=self.lm.eos_token_id, kv_tokens=kv_tokens, dense=dense,
+                                 choosable=self.lm.tokenizer_size)
         self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
         kv_gib = kv_tokens * NeoxRunner.kv_bytes_per_token(self.lm.model, self.lm.compute_dtype) / 2**30
@@ -140,7 +141,7 @@ class Engine:
 
     async def score(self, pairs: list[tuple[str, str]], opts: ScoreOptions) -> list[PairResult]:
         """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` rules)."""
-        encoded = await self._on_tokenizer_thread(encode_pairs, self._encoder, pairs, self.lm.eos_token_id)
+        encoded = await self._on_tokenizer_thread(encode_pairs, self._encoder, pairs, self.lm.prefix_token_id)
         group = None if opts.details else group_choices(encoded, self.window)
         if group is not None:
             # One context, several continuations: its forward pass is shared, not repeated per choice.
@@ -166,7 +167,7 @@ class Engine:
         (tokens,) = await self._on_tokenizer_thread(self._encoder, [text])
         if not tokens:
             raise InvalidRequest("text encodes to zero tokens")
-        windows = rolling_windows(tokens, self.lm.eos_token_id, self.window)
+        windows = rolling_windows(tokens, self.lm.prefix_token_id, self.window)
         items = [layout(w, self.window, truncate=False) for w in windows]
         results = await self._submit_pairs(items)
         return sum(r.logprob for r in results), len(tokens), len(windows)
@@ -187,11 +188,16 @@ class Engine:
 
     # --- Generate ----------------------------------------------------------------------------------
 
+    def _check_ids(self, ids: list[int]) -> None:
+        """Token ids must be the tokenizer's: the output layer's rows past it (padding) mean nothing."""
+        bad = [t for t in ids if t >= self.lm.tokenizer_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (the tokenizer has "
+                                 f"{self.lm.tokenizer_size} tokens; the model's {self.lm.vocab_size} rows include padding)")
+
     def prompt_ids(self, text: str, token_ids: list[int]) -> list[int]:
         if token_ids:
-            bad = [t for t in token_ids if t >= self.lm.vocab_size]
-            if bad:
-                raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {self.lm.vocab_size})")
+            self._check_ids(token_ids)
             return list(token_ids)
         return encode(self.lm.tokenizer, text)
 
@@ -311,9 +317,7 @@ class Engine:
         return ids, [self.lm.tokenizer.decode([i]) for i in ids]
 
     def detokenize(self, ids: list[int]) -> str:
-        bad = [t for t in ids if t >= self.lm.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {self.lm.vocab_size})")
+        self._check_ids(ids)
         return self.lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def token_texts(self, ids: list[int]) -> list[str]:

@@ -22,6 +22,8 @@ class GenerationParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    skip_special_tokens: bool = False
+    """Leave special tokens (masks, separators, end-of-text under ignore_eos) out of the text."""
 
 
 @dataclasses.dataclass
@@ -86,7 +88,7 @@ class Sequence:
         self.prompt_ids = prompt_ids
         self.params = params
         self.generator, self.seed = new_generator(params.sampling.seed, device)
-        self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
+        self.decoder = IncrementalDecoder(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stops = StopMatcher(params.stop)
         self.device = device
         self._seen: torch.Tensor | None = None  # [S] prompt + generated ids, for the repetition penalty

@@ -29,6 +29,7 @@ class LoadedModel:
     quantization: str
     max_context: int
     vocab_size: int
+    """Rows of the output layer (30,080 for polyglot-ko)."""
     eos_token_id: int
     model_id: str
     revision: str
@@ -37,6 +38,12 @@ class LoadedModel:
     """Storage dtype of the packed 4-bit weights (bitsandbytes' quant_storage), read off the loaded modules."""
     double_quant: bool = False
     """Whether the 4-bit layers' quantization constants are themselves quantized (read off the modules)."""
+    tokenizer_size: int = 0
+    """Entries of the tokenizer (30,003 for polyglot-ko): ids from here to vocab_size are padding rows of the
+    output layer, never generated and refused as input."""
+    prefix_token_id: int = 0
+    """What an empty Score context is conditioned on: lm-eval's HFLM prefix, the tokenizer's bos token if it has
+    one, else its eos (polyglot-ko's tokenizer has no bos token, although its config names bos id 0)."""
     checkpoint_compute_dtype: str = "none"
     """The compute dtype stored in a saved 4-bit checkpoint's quantization config (the engine computes in
     compute_dtype whatever it says)."""
@@ -180,4 +187,6 @@ def load(cfg: ModelConfig) -> LoadedModel:
         quant_storage=modules["quant_storage"],
         double_quant=modules["double_quant"],
         checkpoint_compute_dtype=str(stored.get("bnb_4bit_compute_dtype", "none")).removeprefix("torch."),
+        tokenizer_size=min(len(tokenizer), int(model.get_output_embeddings().weight.shape[0])),
+        prefix_token_id=int(eos if tokenizer.bos_token_id is None else tokenizer.bos_token_id),
     )

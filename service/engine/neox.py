@@ -219,13 +219,15 @@ class NeoxRunner(NeoxForward):
     """Call order: prefill(base, ids, start) for each chunk of a new sequence whose cache range starts at pool
     position `base`, then decode(tokens, positions, bases) for all n running sequences at once (batch rows
     0..n-1, up to max_slots), then decode_again() while the same rows go on greedily.
-    kv_tokens: positions in the pool (default: a full window per row)."""
+    kv_tokens: positions in the pool (default: a full window per row). choosable: ids the GPU's greedy choice may
+    take (the tokenizer's; the output layer's rows past it are padding), default all."""
 
     def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int, use_graphs: bool, fused_decode: bool = True,
                  eos_id: int | None = None, kv_tokens: int | None = None,
-                 dense: dict[torch.nn.Module, torch.Tensor] | None = None):
+                 dense: dict[torch.nn.Module, torch.Tensor] | None = None, choosable: int | None = None):
         super().__init__(model, max_len)
         dev = self.device
+        self.choosable = choosable or self.head.weight.shape[0]
         # Decode steps of more than one row multiply by these dequantized copies of the 4-bit weights
         # (dequantized_weights) instead of bitsandbytes' 4-bit GEMM (see GenerationConfig.dequantized_decode).
         self.dense = dense or {}
@@ -346,13 +348,14 @@ class NeoxRunner(NeoxForward):
         # Leave the greedy choice and the next position as the next step's inputs (see decode_again);
         # the clamp keeps idle padding rows, which advance too, inside the cache. Rows under min_new_tokens
         # choose without end-of-text; the logits returned stay the model's own.
+        ids = logits[:, : self.choosable]  # [B, choosable]: never a padding row
         if self.eos_id is not None:
             eos = logits[:, self.eos_id].clone()  # [B]
             logits[:, self.eos_id] = torch.where(self._no_eos[:B], float("-inf"), eos)
-            self._tok[:B] = logits.argmax(-1)
+            self._tok[:B] = ids.argmax(-1)
             logits[:, self.eos_id] = eos
         else:
-            self._tok[:B] = logits.argmax(-1)
+            self._tok[:B] = ids.argmax(-1)
         self._pos[:B] = (pos + 1).clamp(max=self.max_len - 1)
         return logits
 

@@ -212,6 +212,8 @@ class Scheduler:
         choice raises fails alone."""
         # Logprobs describe the model's own distribution: taken before any masking.
         logp = torch.log_softmax(logits, -1) if any(s.params.logprobs for s in seqs) else None  # [n, V]
+        if self.runner.choosable < logits.shape[-1]:
+            logits[:, self.runner.choosable :] = float("-inf")  # padding rows of the output layer: never generated
         mask_rows = [i for i, s in enumerate(seqs) if s.needs_eos_mask()]
         if mask_rows:
             logits[mask_rows, self.eos_id] = float("-inf")  # min_new_tokens: no end-of-text yet

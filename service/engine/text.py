@@ -86,8 +86,9 @@ class IncrementalDecoder:
     Decoding from a few tokens before the emitted point keeps this O(1) per token.
     """
 
-    def __init__(self, tokenizer, prompt_ids: list[int] | None = None):
+    def __init__(self, tokenizer, prompt_ids: list[int] | None = None, skip_special: bool = False):
         self.tokenizer = tokenizer
+        self.skip_special = skip_special
         self.ids: list[int] = []
         # Start decoding a little before the first new token so that tokenizers which depend on
         # the previous token (leading spaces, byte fallback) decode the seam right.
@@ -95,7 +96,7 @@ class IncrementalDecoder:
         self._read = 0  # ids[:_read] have been released as text
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special, clean_up_tokenization_spaces=False)
 
     def _pending_text(self) -> str:
         """Text of the ids not yet released, decoded in the context of a few released ones."""

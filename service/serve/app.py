@@ -183,6 +183,7 @@ class LanguageModelServer:
             quant_storage=lm.quant_storage,
             double_quant=lm.double_quant,
             checkpoint_compute_dtype=lm.checkpoint_compute_dtype,
+            tokenizer_size=lm.tokenizer_size,
             replica_id=self._replica_id,
             node_id=self._node_id,
         )

@@ -5,7 +5,9 @@
 (`python -m service.lm_eval` is lm-eval's own command line with this model registered; in Python,
 `import service.lm_eval` registers it for `lm_eval.simple_evaluate(model="polyglot-grpc", ...)`.)
 Requests go out concurrently; loglikelihood requests that share a context are sent as one Score
-call, so the service computes that context once for all its choices.
+call, so the service computes that context once for all its choices. Each finished request goes to lm-eval's cache
+hook at once, so a run with `--use_cache` that is interrupted keeps what it finished. generate_until follows HFLM:
+contexts left-truncated to the window minus max_gen_toks, special tokens left out of the text.
 """
 from __future__ import annotations
 
@@ -21,13 +23,24 @@ from .client import Client
 @register_model("polyglot-grpc")
 class PolyglotGRPC(LM):
     def __init__(self, address: str = "localhost:9000", concurrency: int = 32, token: str | None = None,
-                 timeout: float = 600.0, max_pairs: int = 64, **_ignored):
-        # lm-eval passes batch_size / device / max_batch_size to every model: batching is the server's job.
+                 timeout: float = 600.0, max_pairs: int = 64, max_length: int | None = None,
+                 batch_size=None, max_batch_size=None, device=None):
+        """model_args: address, concurrency, token, timeout, max_pairs (pairs per Score call), max_length (the
+        window generate_until truncates to; default the service's). lm-eval passes batch_size, max_batch_size and
+        device to every model: batching and placement are the server's job, so they are accepted and unused. Any
+        other key (a typo) is refused by Python with its name."""
         super().__init__()
         self.client = Client(address, token=token)
         self.concurrency = int(concurrency)
         self.timeout = float(timeout)
         self.max_pairs = int(max_pairs)
+        self._max_length = int(max_length) if max_length else None
+
+    @property
+    def max_length(self) -> int:
+        if self._max_length is None:
+            self._max_length = self.client.model_info(timeout=self.timeout).max_context
+        return self._max_length
 
     def _map(self, fn, items):
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as ex:
@@ -42,7 +55,10 @@ class PolyglotGRPC(LM):
 
         def score(idx):
             r = self.client.score([pairs[i] for i in idx], truncate=True, timeout=self.timeout)
-            return [(s.logprob, s.is_greedy) for s in r.scores]
+            out = [(s.logprob, s.is_greedy) for s in r.scores]
+            for i, x in zip(idx, out):
+                self.cache_hook.add_partial("loglikelihood", pairs[i], x)
+            return out
 
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         for idx, res in zip(calls, self._map(score, calls)):
@@ -51,19 +67,37 @@ class PolyglotGRPC(LM):
         return out  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        return self._map(lambda r: self.client.score_rolling(r.args[0], timeout=self.timeout).logprob, requests)
+        def rolling(r):
+            ll = self.client.score_rolling(r.args[0], timeout=self.timeout).logprob
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, ll)
+            return ll
+
+        return self._map(rolling, requests)
+
+    def _prompt(self, context: str, max_gen: int) -> str | list[int]:
+        """HFLM keeps the last max_length - max_gen_toks tokens of a context. A token is at least one UTF-8 byte, so
+        a context of fewer bytes than that needs no tokenizing."""
+        keep = self.max_length - max_gen
+        if len(context.encode("utf-8")) <= keep:
+            return context
+        ids = list(self.client.tokenize(context, timeout=self.timeout).ids)
+        return ids[-keep:] if len(ids) > keep else context
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         def gen(r):
             context, kwargs = r.args
             kwargs = dict(kwargs or {})
             until = kwargs.get("until") or []
-            params = dict(max_new_tokens=int(kwargs.get("max_gen_toks", 256)), stop=[until] if isinstance(until, str) else list(until))
+            max_gen = int(kwargs.get("max_gen_toks", 256))
+            params = dict(max_new_tokens=max_gen, stop=[until] if isinstance(until, str) else list(until),
+                          skip_special_tokens=True)  # HFLM decodes with skip_special_tokens=True
             if kwargs.get("do_sample"):
                 params["temperature"] = float(kwargs.get("temperature", 1.0))
             elif "temperature" in kwargs and float(kwargs["temperature"]) > 0:
                 params["temperature"] = float(kwargs["temperature"])
-            return self.client.generate(context, timeout=self.timeout, **params).text
+            text = self.client.generate(self._prompt(context, max_gen), timeout=self.timeout, **params).text
+            self.cache_hook.add_partial("generate_until", r.args, text)
+            return text
 
         return self._map(gen, requests)
 

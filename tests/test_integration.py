@@ -225,7 +225,7 @@ def test_multiple_choice_reports_acc_and_acc_norm_choices(client):
     r = client.score([(ctx, x) for x in conts])
     lps = [s.logprob for s in r.scores]
     assert r.HasField("choice") and r.choice == max(range(3), key=lambda i: lps[i])
-    assert r.choice_normalized == max(range(3), key=lambda i: lps[i] / len(conts[i]))
+    assert r.choice_normalized == max(range(3), key=lambda i: lps[i] / len(conts[i][1:]))  # lm-eval: len(choice)
     assert not client.score([("가", " 나"), ("다", " 라")]).HasField("choice")  # different contexts: no question
 
 

@@ -229,3 +229,20 @@ def test_kv_space_allocates_disjoint_ranges_and_reuses_freed_ones():
         space.free(a, 4)
     space.free(b, 6)
     assert space.alloc(10) == 0  # the two freed ranges merged into one
+
+
+def test_choice_normalized_divides_by_the_choice_text_as_lm_eval_acc_norm():
+    """lm-eval scores target_delimiter + choice and divides by len(choice): with " " in front, a one-character
+    choice at -1.0 loses to a three-character one at -2.5 (-1.0 < -0.83), although dividing by the continuation's
+    length would pick it (-0.5 > -0.625)."""
+    from service.api.convert import score_response
+    from service.engine.scoring import PairResult
+
+    def result(lp):
+        return PairResult(logprob=lp, is_greedy=False, num_tokens=1, truncated_tokens=0, details=None, batch_pairs=2)
+
+    pairs = [("질문", " 가"), ("질문", " 나다라")]
+    r = score_response(pairs, [result(-1.0), result(-2.5)], str)
+    assert r.choice == 0 and r.choice_normalized == 1
+    r = score_response([("질문", "\n가"), ("질문", "\n나다라")], [result(-1.0), result(-2.5)], str, delimiter="\n")
+    assert r.choice_normalized == 1

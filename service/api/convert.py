@@ -66,7 +66,14 @@ class GenerateAccumulator:
         return r
 
 
-def score_response(pairs: list[tuple[str, str]], results: list[PairResult], token_text) -> lm_pb2.ScoreResponse:
+def choice_length(continuation: str, delimiter: str = " ") -> int:
+    """Characters of a choice's own text: lm-eval's acc_norm divides by len(choice), and the continuation it scores
+    is target_delimiter + choice."""
+    return len(continuation) - (len(delimiter) if delimiter and continuation.startswith(delimiter) else 0)
+
+
+def score_response(pairs: list[tuple[str, str]], results: list[PairResult], token_text,
+                   delimiter: str = " ") -> lm_pb2.ScoreResponse:
     out = lm_pb2.ScoreResponse()
     for (ctx, cont), r in zip(pairs, results):
         # Normalizers count the continuation as scored: with the context's trailing whitespace.
@@ -84,8 +91,9 @@ def score_response(pairs: list[tuple[str, str]], results: list[PairResult], toke
             d = r.details
             s.details.CopyFrom(token_details(d.ids, d.logprobs, d.top_ids, d.top_logprobs, token_text))
     if len(pairs) > 1 and len({ctx for ctx, _ in pairs}) == 1:
-        # lm-eval's multiple-choice metrics: acc takes the raw argmax; acc_norm divides by the length in
-        # characters of the choice as written (before whitespace moved from the context).
+        # lm-eval's multiple-choice metrics: acc takes the raw argmax (first on ties, as numpy's); acc_norm divides
+        # by the length in characters of the choice text, without the delimiter in front of it.
+        norm = [r.logprob / max(1, choice_length(c, delimiter)) for (_, c), r in zip(pairs, results)]
         out.choice = max(range(len(results)), key=lambda i: results[i].logprob)
-        out.choice_normalized = max(range(len(results)), key=lambda i: results[i].logprob / max(1, len(pairs[i][1])))
+        out.choice_normalized = max(range(len(results)), key=norm.__getitem__)
     return out

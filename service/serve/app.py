@@ -83,7 +83,8 @@ class LanguageModelServer:
     async def Score(self, request: lm_pb2.ScoreRequest, grpc_context) -> lm_pb2.ScoreResponse:
         async def work():
             pairs, opts = validation.score_request(request, self.limits)
-            return convert.score_response(pairs, await self.engine.score(pairs, opts), self._token_text)
+            delimiter = request.target_delimiter if request.HasField("target_delimiter") else " "
+            return convert.score_response(pairs, await self.engine.score(pairs, opts), self._token_text, delimiter)
 
         return await self._unary("Score", grpc_context, request, lm_pb2.ScoreResponse(), work)
 

@@ -168,7 +168,10 @@ def load(cfg: ModelConfig) -> LoadedModel:
     if eos is None:
         raise ValueError(f"tokenizer of {cfg.model} has no end-of-text token")
     local = Path(cfg.model)
-    revision = cfg.revision or (_local_revision(local) if local.is_dir() else "main")
+    # A hub model reports the commit its files came from (what a branch or tag resolved to in the hub cache).
+    revision = getattr(hf_config, "_commit_hash", None) or cfg.revision or "main"
+    if local.is_dir():
+        revision = _local_revision(local)
     log.info("loaded %s (%s, %s) on %s", cfg.model, modules["quantization"], dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide: one model per replica

@@ -46,6 +46,11 @@ class BenchConfig:
     gen_tokens: int = 128
     gen_concurrency: tuple[int, ...] = (1, 8, 32, 64, 128)
     gen_prompt: int = 32
+    score: bool = True
+    """Run the Score workloads (--skip-score: Generate only)."""
+    traffic_streams: int = 64
+    """Streams of the real-traffic rows (sampled and greedy, prompts 100-1,000 tokens, 256 new); 0: skip them."""
+    traffic_tokens: int = 256
     gen_timeout_s: float = 120.0
     """Deadline of each Generate stream; a level that cannot finish in time reports errors, not a hang."""
     hflm_batch: int = 64
@@ -55,7 +60,8 @@ class BenchConfig:
     @classmethod
     def quick_config(cls, model: str) -> "BenchConfig":
         return cls(quick=True, model=model, pairs=48, mc_questions=6, mc_context=200, score_concurrency=16,
-                   gen_tokens=8, gen_concurrency=(1, 4), gen_prompt=8, gen_timeout_s=60, hflm_batch=16)
+                   gen_tokens=8, gen_concurrency=(1, 4), gen_prompt=8, gen_timeout_s=60, hflm_batch=16,
+                   traffic_streams=4)
 
 
 # --- the model under test ---------------------------------------------------------------------------
@@ -284,19 +290,45 @@ async def drive_score(stub, pb, requests: list[list[tuple[str, str]]], tokens: l
 
 
 async def drive_generate(stub, pb, prompt: str, n_streams: int, cfg: BenchConfig) -> dict:
+    """n_streams identical greedy streams of the one short prompt, all started at once (the original workload)."""
+    params = pb.GenerationParameters(max_new_tokens=cfg.gen_tokens, min_new_tokens=cfg.gen_tokens, ignore_eos=True)
+    return await drive_streams(stub, [pb.GenerateRequest(text=prompt, parameters=params)] * n_streams, cfg)
+
+
+def traffic_requests(pb, tokenizer, w: Workloads, n: int, sampled: bool, cfg: BenchConfig, seed: int = 5) -> list:
+    """n streams as clients send them: prompts of 100-1,000 tokens drawn per request (scaled down in --quick), 256
+    new tokens (ignore_eos, so every stream runs to its length), greedy or sampled with temperature 0.8 and top_p
+    0.95, each with its own seed."""
+    from .engine.text import encode
+
+    rng = random.Random(seed)
+    corpus = encode(tokenizer, random_korean(rng, 60_000))
+    lo, hi, new = (10, 40, 16) if cfg.quick else (100, 1000, cfg.traffic_tokens)
+    out = []
+    for i in range(n):
+        k = rng.randint(lo, hi)
+        start = rng.randrange(0, len(corpus) - k)
+        p = pb.GenerationParameters(max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
+        if sampled:
+            p.temperature, p.top_p, p.seed = 0.8, 0.95, 1000 + i
+        out.append(pb.GenerateRequest(token_ids=corpus[start : start + k], parameters=p))
+    return out
+
+
+async def drive_streams(stub, requests: list, cfg: BenchConfig) -> dict:
+    """Every request as a GenerateStream, all started at once: throughput, TTFT, inter-token gaps, and the outputs
+    of a sample of the streams for the output check."""
     import grpc
 
     ttft, itl, lat, errors, tokens, starts, outputs = [], [], [], {}, 0, [], []
-    params = pb.GenerationParameters(max_new_tokens=cfg.gen_tokens, min_new_tokens=cfg.gen_tokens, ignore_eos=True)
 
-    async def one():
+    async def one(req):
         nonlocal tokens
         t = time.perf_counter()
         starts.append(t - t0)
         last, n, ids = None, 0, []
         try:
-            async for m in stub.GenerateStream(pb.GenerateRequest(text=prompt, parameters=params),
-                                               timeout=cfg.gen_timeout_s):
+            async for m in stub.GenerateStream(req, timeout=cfg.gen_timeout_s):
                 now = time.perf_counter()
                 new = m.generated_tokens - n
                 if last is None:
@@ -307,19 +339,22 @@ async def drive_generate(stub, pb, prompt: str, n_streams: int, cfg: BenchConfig
                 ids += m.token_ids
             lat.append(time.perf_counter() - t)
             tokens += n
-            outputs.append(ids)
+            outputs.append((req, ids))
         except grpc.aio.AioRpcError as e:
             errors[e.code().name] = errors.get(e.code().name, 0) + 1
             tokens += n
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(n_streams)))
+    await asyncio.gather(*(one(r) for r in requests))
     dt = time.perf_counter() - t0
+    greedy = [(r, ids) for r, ids in outputs if r.parameters.temperature == 0]
     return {
-        "streams": n_streams, "completed": len(lat), "errors": errors, "seconds": dt, "tokens": tokens,
-        "tokens_per_s": tokens / dt, "ttft_s": _lat(ttft), "itl_s": _lat(itl), "latency_s": _lat(lat),
-        "last_start_s": max(starts), "samples": outputs[:: max(1, len(outputs) // 4)][:4],
-        "short_streams": sum(len(o) != cfg.gen_tokens for o in outputs),
+        "streams": len(requests), "completed": len(lat), "errors": errors, "seconds": dt, "tokens": tokens,
+        "tokens_per_s": tokens / dt, "tokens_per_s_per_stream": tokens / dt / len(requests), "ttft_s": _lat(ttft),
+        "itl_s": _lat(itl), "latency_s": _lat(lat), "last_start_s": max(starts),
+        # Greedy streams' outputs (with their prompt ids; None: the text prompt) for check_outputs.
+        "samples": [(list(r.token_ids) or None, ids) for r, ids in greedy[:: max(1, len(greedy) // 4)][:4]],
+        "short_streams": sum(len(ids) != r.parameters.max_new_tokens for r, ids in outputs),
     }
 
 
@@ -356,7 +391,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_service(model: str, w: Workloads, cfg: BenchConfig) -> dict:
+def run_service(model: str, w: Workloads, cfg: BenchConfig, tokenizer) -> dict:
     import grpc
     import ray
     from ray import serve
@@ -379,13 +414,19 @@ def run_service(model: str, w: Workloads, cfg: BenchConfig) -> dict:
             stub = lm_pb2_grpc.LanguageModelStub(ch)
             await stub.Score(lm_pb2.ScoreRequest(pairs=[lm_pb2.ScorePair(context=w.pairs[0][0], continuation=" 가")]))
             res = {"startup_s": startup}
-            res["score_pairs"] = await drive_score(stub, lm_pb2, [[p] for p in w.pairs], w.pair_tokens,
-                                                   cfg.score_concurrency)
-            res["score_mc"] = await drive_score(stub, lm_pb2, [[(c, x) for x in xs] for c, xs in w.mc],
-                                                w.mc_tokens, max(1, cfg.score_concurrency // 4))
+            if cfg.score:
+                res["score_pairs"] = await drive_score(stub, lm_pb2, [[p] for p in w.pairs], w.pair_tokens,
+                                                       cfg.score_concurrency)
+                res["score_mc"] = await drive_score(stub, lm_pb2, [[(c, x) for x in xs] for c, xs in w.mc],
+                                                    w.mc_tokens, max(1, cfg.score_concurrency // 4))
             res["generate"] = {}
             for c in cfg.gen_concurrency:
                 res["generate"][str(c)] = await drive_generate(stub, lm_pb2, w.gen_prompt, c, cfg)
+            if cfg.traffic_streams:
+                res["traffic"] = {}
+                for kind in ("sampled", "greedy"):
+                    reqs = traffic_requests(lm_pb2, tokenizer, w, cfg.traffic_streams, kind == "sampled", cfg)
+                    res["traffic"][f"{kind} {cfg.traffic_streams}"] = await drive_streams(stub, reqs, cfg)
             return res
 
     try:
@@ -417,18 +458,20 @@ def check_outputs(model: str, w: Workloads, service: dict, cfg: BenchConfig) -> 
     prompt = encode(lm.tokenizer, w.gen_prompt)
     out: dict = {"tie": TIE, "checked_streams": 0, "max_gap": 0.0}
     problems = []
-    for level, g in service["generate"].items():
+    levels = [(f"{k} streams", g) for k, g in service["generate"].items()]
+    levels += list(service.get("traffic", {}).items())
+    for level, g in levels:
         if g["short_streams"]:
-            problems.append(f"{level} streams: {g['short_streams']} completed with fewer than {cfg.gen_tokens} tokens")
-        for ids in g["samples"]:
-            gaps = greedy_gaps(lm.model, prompt, ids, eos_id=lm.eos_token_id, min_new=cfg.gen_tokens)
+            problems.append(f"{level}: {g['short_streams']} streams completed with fewer tokens than asked")
+        for ids_in, ids in g["samples"]:
+            gaps = greedy_gaps(lm.model, ids_in or prompt, ids, eos_id=lm.eos_token_id, min_new=len(ids))
             out["checked_streams"] += 1
             out["max_gap"] = max(out["max_gap"], max(gaps))
             # A text looping on one token would hide dropped tokens: say how much the checked texts move.
             out["min_distinct_tokens"] = min(out.get("min_distinct_tokens", len(ids)), len(set(ids)))
             if max(gaps) > TIE:
                 i = gaps.index(max(gaps))
-                problems.append(f"{level} streams: token {i} ({ids[i]}) is {gaps[i]:.3f} below transformers' choice")
+                problems.append(f"{level}: token {i} ({ids[i]}) is {gaps[i]:.3f} below transformers' choice")
     del lm
     gc.collect()
     out["problems"] = problems
@@ -467,6 +510,9 @@ def table(r: dict) -> str:
         base = b["generate"].get(c)
         rows.append((f"Generate, {c} concurrent streams (tokens/s)", g["tokens_per_s"], f"`generate` batch {c}",
                      base["tokens_per_s"] if base else None))
+    traffic = s.get("traffic", {})
+    for name, g in traffic.items():  # no transformers baseline of these shapes yet
+        rows.append((f"Generate, {name} streams, mixed prompt lengths (tokens/s)", g["tokens_per_s"], "–", None))
     lines = ["| workload | service | baseline | baseline value | ratio |", "|---|---:|---|---:|---:|"]
     for name, sv, bn, bv in rows:
         lines.append(f"| {name} | {sv:,.0f} | {bn} | {bv:,.0f} | {_ratio(sv, bv)} |" if bv else
@@ -474,7 +520,7 @@ def table(r: dict) -> str:
     lines += ["", "| Generate streams | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | completed | errors |",
               "|---:|---:|---:|---:|---|"]
     ms = lambda x: f"{x * 1000:,.0f}" if x is not None else "–"  # noqa: E731
-    for c, g in s["generate"].items():
+    for c, g in [*s["generate"].items(), *traffic.items()]:
         lines.append(f"| {c} | {ms(g['ttft_s']['p50'])} / {ms(g['ttft_s']['p99'])} | "
                      f"{ms(g['itl_s']['p50'])} / {ms(g['itl_s']['p99'])} | {g['completed']}/{g['streams']} | "
                      f"{g['errors'] or 0} |")
@@ -505,6 +551,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", help="checkpoint dir or hub id (default: the 5.8B-shape random checkpoint / tiny)")
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--skip-score", action="store_true", help="service: Generate workloads only")
+    ap.add_argument("--traffic-streams", type=int, help="streams of the real-traffic rows (0: none)")
     ap.add_argument("--gen-concurrency", help="comma-separated stream counts (default 1,8,32,64,128)")
     ap.add_argument("--gen-timeout", type=float, help="deadline of each Generate stream, seconds")
     ap.add_argument("--pairs", type=int, help="independent Score pairs")
@@ -538,6 +586,10 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.gen_concurrency = tuple(int(x) for x in args.gen_concurrency.split(","))
     if args.gen_timeout:
         cfg.gen_timeout_s = args.gen_timeout
+    if args.skip_score:
+        cfg.score = False
+    if args.traffic_streams is not None:
+        cfg.traffic_streams = args.traffic_streams
     if args.pairs:
         cfg.pairs = args.pairs
     if args.mc_questions:
@@ -568,12 +620,13 @@ def main(argv: list[str] | None = None) -> dict:
         result["baselines"] = b
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "baselines.json").write_text(json.dumps(result, indent=2))  # kept if the service fails
+    tokenizer = lm.tokenizer
     del lm
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     t = time.perf_counter()
-    result["service"] = run_service(model, w, cfg)
+    result["service"] = run_service(model, w, cfg, tokenizer)
     print(f"service done in {time.perf_counter() - t:.0f}s", flush=True)
 
     out = Path(cfg.out)

@@ -48,8 +48,8 @@ def test_concurrent_generations_equal_solo_runs(engine_fp32):
     for a, b in zip(solo, mixed):
         assert _tokens(a) == _tokens(b)
         assert "".join(c.text for c in a) == "".join(c.text for c in b)
-        for x, y in zip(a, b):
-            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+        # Flattened: how tokens are grouped into chunks depends on how fast the reader is.
+        assert [x for c in a for x in c.logprobs] == pytest.approx([x for c in b for x in c.logprobs], abs=1e-5)
 
 
 def test_more_requests_than_slots_and_chunked_prefill(engine_small, hf_fp32):
@@ -249,3 +249,32 @@ def test_dequantized_decode_gives_the_4bit_kernels_tokens(tiny_dir, engine_nf4):
         # layer's outputs of ~2.4 here; the dequantized copies multiply in fp32.
         assert [x for c in b for x in c.logprobs] == pytest.approx([x for c in a for x in c.logprobs], abs=1e-2)
     engine.close()
+
+
+def test_sampled_and_penalized_streams_run_ahead_with_the_host_paths_tokens(engine_fp32, monkeypatch):
+    """Sampled (temperature, top-k, top-p, min_new_tokens) and repetition-penalty streams beside a greedy one are
+    pipelined too: the GPU samples each step's tokens and feeds them on. Their tokens equal those of the host
+    path (every step read back before the next), since a token's noise depends on its seed and index only."""
+    from service.engine.scheduler import Scheduler
+
+    runner = engine_fp32.runner
+    calls = []
+    orig = runner.decode_again
+    monkeypatch.setattr(runner, "decode_again", lambda n, p: calls.append(n) or orig(n, p))
+    jobs = [(p, GenerationParams(max_new_tokens=16, min_new_tokens=6,
+                                 sampling=SamplingParams(temperature=1.3, top_k=40, top_p=0.9, seed=i)))
+            for i, p in enumerate(PROMPTS[:3])]
+    jobs += [(PROMPTS[3], GenerationParams(max_new_tokens=16, sampling=SamplingParams(repetition_penalty=1.5))),
+             (PROMPTS[4], GenerationParams(max_new_tokens=12))]
+
+    async def together():
+        return await asyncio.gather(*(_collect(engine_fp32, p, q) for p, q in jobs))
+
+    piped = [_tokens(c) for c in run(together())]
+    assert calls, "no step ran ahead of the host"
+    monkeypatch.setattr(Scheduler, "_on_device", staticmethod(lambda seq, ahead: False))
+    calls.clear()
+    host = [_tokens(c) for c in run(together())]
+    assert not calls
+    assert piped == host
+    assert all(len(t) >= 6 for t in piped[:3]) and len(set(piped[3])) == len(piped[3])  # the masks and penalty held

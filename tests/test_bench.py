@@ -30,12 +30,12 @@ def test_output_check_fails_loudly_on_dropped_tokens(tiny_dir):
     assert len(set(good)) > 5  # a text that moves: a dropped token shows
 
     def level(samples, short=0):
-        return {"generate": {"2": {"samples": samples, "short_streams": short}}}
+        return {"generate": {"2": {"samples": [(None, ids) for ids in samples], "short_streams": short}}}
 
     assert check_outputs(str(tiny_dir), w, level([good[:24]]), cfg)["checked_streams"] == 1
     with pytest.raises(WrongOutput, match="below transformers"):
         check_outputs(str(tiny_dir), w, level([good[:7] + good[9:26]]), cfg)
-    with pytest.raises(WrongOutput, match="fewer than"):
+    with pytest.raises(WrongOutput, match="fewer tokens"):
         check_outputs(str(tiny_dir), w, level([good[:24]], short=1), cfg)
 
 
@@ -59,6 +59,8 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
     for k in ("raw_forward", "hflm", "generate"):
         assert k in b
     assert b["hflm"]["pairs"]["tokens_per_s"] > 0 and b["hflm"]["mc"]["tokens_per_s"] > 0
-    assert r["check"]["checked_streams"] >= 2 and not r["check"]["problems"]  # the run checked its own outputs
+    assert r["check"]["checked_streams"] >= 4 and not r["check"]["problems"]  # the run checked its own outputs
+    for name, g in s["traffic"].items():  # sampled and greedy streams of mixed prompt lengths
+        assert g["completed"] == g["streams"] == 4 and not g["errors"] and g["short_streams"] == 0, name
     md = (tmp_path / "bench-quick.md").read_text()
     assert "| Score, independent pairs (tokens/s) |" in md and "ratio" in md

@@ -12,7 +12,7 @@ from service.engine.batching import ScoreBatcher, plan_batches
 from service.engine.config import BatchConfig, EngineConfig, LimitsConfig
 from service.engine.errors import InvalidRequest, QueueFull
 from service.engine.kvspace import KVSpace
-from service.engine.sampling import SamplingParams, _filter, new_generator, select
+from service.engine.sampling import RowSampling, SamplingParams, _filter, filters, sample
 from service.engine.scoring import ScoreItem
 
 LIMITS = LimitsConfig()
@@ -151,24 +151,51 @@ def test_top_k_and_top_p_filters():
     assert kept.tolist() == [True, False, False, False]
 
 
-def test_seeded_sampling_is_reproducible_and_follows_distribution():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
-    params = SamplingParams(temperature=1.0, seed=7)
-    g1, _ = new_generator(7, torch.device("cpu"))
-    g2, _ = new_generator(7, torch.device("cpu"))
-    seen = torch.tensor([], dtype=torch.long)
-    a = [select(logits, params, g1, seen) for _ in range(3000)]
-    b = [select(logits, params, g2, seen) for _ in range(3000)]
-    assert a == b
-    freq = torch.bincount(torch.tensor(a), minlength=3).float() / len(a)
+def _rows(params, steps=None, no_eos=None):
+    n = len(params)
+    return RowSampling.of(params, [p.seed or 0 for p in params], steps or [0] * n, no_eos or [False] * n,
+                          torch.device("cpu"))
+
+
+def test_batched_filters_equal_the_one_row_reference():
+    """Each row of the batched filters gets exactly _filter's result for its own parameters, whatever the others'."""
+    g = torch.Generator().manual_seed(0)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, typical_p=y)
+              for t, k, p, y in [(1.0, 0, 1.0, 1.0), (0.7, 5, 1.0, 1.0), (1.3, 0, 0.8, 1.0), (1.0, 0, 1.0, 0.6),
+                                 (0.9, 20, 0.9, 0.95), (2.0, 3, 0.5, 1.0)]]
+    logits = torch.randn(len(params), 50, generator=g) * 3
+    got = filters(logits, _rows(params))
+    for i, p in enumerate(params):
+        want = _filter(logits[i], p)
+        assert torch.equal(torch.isfinite(got[i]), torch.isfinite(want)), p
+        assert torch.allclose(got[i][torch.isfinite(want)], want[torch.isfinite(want)])
+
+
+def test_seeded_sampling_is_reproducible_batch_independent_and_follows_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))[None].repeat(3000, 1)  # [3000, 3]: one request's 3000 steps
+    p = SamplingParams(temperature=1.0, seed=7)
+    rows = _rows([p] * 3000, steps=list(range(3000)))
+    a = sample(logits, rows, None, eos_id=99)
+    assert torch.equal(a, sample(logits, rows, None, eos_id=99))
+    freq = torch.bincount(a, minlength=3).float() / len(a)
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+    # A row's token depends on its seed, step and logits only: alone, or after other rows, the same.
+    other = SamplingParams(temperature=1.5, top_k=2, seed=123)
+    alone = sample(logits[:1], _rows([p], steps=[17]), None, eos_id=99)
+    mixed = sample(logits[:3], _rows([other, SamplingParams(), p], steps=[4, 0, 17]), None, eos_id=99)
+    assert mixed[2] == alone[0]
+    assert sample(logits[:1], _rows([SamplingParams(temperature=1.0, seed=8)], steps=[17]), None, 99).shape == (1,)
 
 
-def test_repetition_penalty_changes_greedy_choice():
-    logits = torch.tensor([2.0, 1.9, -1.0])
-    g, _ = new_generator(0, torch.device("cpu"))
-    assert select(logits, SamplingParams(), g, torch.tensor([], dtype=torch.long)) == 0
-    assert select(logits, SamplingParams(repetition_penalty=1.2), g, torch.tensor([0])) == 1
+def test_repetition_penalty_padding_and_end_of_text_masks():
+    logits = torch.tensor([[2.0, 1.9, -1.0, 5.0, 9.0]])  # id 3: end-of-text; id 4: a padding row
+    seen = torch.tensor([[True, False, False, False, False]])
+    assert sample(logits, _rows([SamplingParams()]), None, eos_id=3, choosable=4).item() == 3
+    assert sample(logits, _rows([SamplingParams()], no_eos=[True]), None, eos_id=3, choosable=4).item() == 0
+    pen = _rows([SamplingParams(repetition_penalty=1.2)], no_eos=[True])
+    assert sample(logits, pen, seen, eos_id=3, choosable=4).item() == 1  # 2.0 / 1.2 < 1.9
+    hot = _rows([SamplingParams(temperature=5.0, seed=s) for s in range(200)])
+    assert sample(logits.repeat(200, 1), hot, None, eos_id=3, choosable=4).max() < 4  # padding never sampled
 
 
 def test_engine_config_rejects_unknown_keys():

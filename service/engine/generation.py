@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from .sampling import SamplingParams, new_generator, select
+from .sampling import SamplingParams, seed_of
 from .text import IncrementalDecoder
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
@@ -87,11 +87,10 @@ class Sequence:
     def __init__(self, prompt_ids: list[int], params: GenerationParams, tokenizer, device: torch.device):
         self.prompt_ids = prompt_ids
         self.params = params
-        self.generator, self.seed = new_generator(params.sampling.seed, device)
+        self.seed = seed_of(params.sampling.seed)
         self.decoder = IncrementalDecoder(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stops = StopMatcher(params.stop)
         self.device = device
-        self._seen: torch.Tensor | None = None  # [S] prompt + generated ids, for the repetition penalty
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.prefilled = 0  # prompt tokens already in the KV cache
@@ -101,15 +100,6 @@ class Sequence:
         self.cancelled = False
         self.sink = None  # where the scheduler's caller delivers this sequence's chunks (an asyncio.Queue)
         self.loop = None  # the event loop that sink belongs to
-
-    @property
-    def seen(self) -> torch.Tensor:
-        """Prompt and generated ids [S] on the model's device. Made at first use, on the model thread: a
-        sequence is created on the event loop, and only the model thread may touch the GPU (a CUDA call
-        from another thread while a graph is captured or replayed breaks it)."""
-        if self._seen is None:
-            self._seen = torch.tensor(self.prompt_ids + self.generated, dtype=torch.long, device=self.device)
-        return self._seen
 
     @property
     def length(self) -> int:
@@ -126,28 +116,19 @@ class Sequence:
         return self.params.sampling.greedy and self.params.sampling.repetition_penalty == 1.0
 
 
-def choose(seq: Sequence, logits: torch.Tensor, argmax: int | None) -> int:
-    """The next token of one sequence from its logits [V] (float32, end-of-text already masked while
-    min_new_tokens is unmet); the batch's argmax when that is the answer."""
-    if argmax is not None:
-        return argmax
-    return select(logits, seq.params.sampling, seq.generator, seq.seen)
-
-
-def accept(seq: Sequence, tok: int, eos_id: int, logp: torch.Tensor | None) -> Chunk:
+def accept(seq: Sequence, tok: int, eos_id: int, logprob: float | None = None, top_ids: list[int] | None = None,
+           top_logprobs: list[float] | None = None) -> Chunk:
     """Append a chosen token: log-probabilities, text (UTF-8 safe), stop sequences, finish reason.
-    logp: the model's log-distribution [V] at this step, when the request asked for logprobs."""
+    logprob, top_ids, top_logprobs: the token's and the best alternatives' log-probabilities under the model's
+    distribution at this step, when the request asked for them."""
     p = seq.params
     seq.generated.append(tok)
-    if p.sampling.repetition_penalty != 1.0 and seq._seen is not None:
-        seq._seen = torch.cat([seq._seen, torch.tensor([tok], device=seq.device)])
     n = len(seq.generated)
     lps, top_i, top_v = [], [], []
-    if logp is not None:
-        lps = [float(logp[tok])]
+    if logprob is not None:
+        lps = [logprob]
         if p.top_logprobs:
-            v, i = torch.topk(logp, p.top_logprobs)
-            top_i, top_v = [i.tolist()], [v.tolist()]
+            top_i, top_v = [top_ids[: p.top_logprobs]], [top_logprobs[: p.top_logprobs]]
 
     finish = None
     if tok == eos_id and not p.ignore_eos:

@@ -445,6 +445,11 @@ class NeoxRunner(NeoxForward):
         token overlaps the GPU's next step). max_position: the largest position fed now. Logits [n, V]."""
         return self._step(n, max_position)
 
+    def feed(self, tokens: torch.Tensor) -> None:
+        """The next step's input tokens [n] for rows 0..n-1, chosen on the device (sampling) in place of the
+        argmax the last step left there."""
+        self._tok[: tokens.numel()] = tokens
+
     def forbid_eos(self, rows: list[bool]) -> None:
         """Which of the n running rows' next greedy choice (left by the GPU for decode_again) must not be
         end-of-text (min_new_tokens). Copied to the GPU only when it changes."""

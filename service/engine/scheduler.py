@@ -8,9 +8,10 @@ import threading
 import torch
 
 from .errors import QueueFull
-from .generation import Chunk, Sequence, accept, choose
+from .generation import Chunk, Sequence, accept
 from .kvspace import KVSpace
 from .neox import NeoxRunner, TokenFetch
+from .sampling import RowSampling, sample
 
 log = logging.getLogger(__name__)
 Output = tuple[Sequence, "Chunk | BaseException"]
@@ -36,10 +37,12 @@ class Scheduler:
     every running sequence, and returns the chunks produced, in the form [(sequence, chunk)]. A forward pass
     or token choice that raises fails the sequences it was for, as (sequence, exception), and no others.
 
-    Pipelining: while the batch stays the same and every sequence is plain greedy, a step launches the
-    next decode step on the GPU (fed the argmax tokens the GPU already holds) before it reads its own
-    tokens back and detokenizes them, so host work hides behind the GPU. A sequence that ends on a token
-    (end-of-text, stop sequence) has one wasted row in the step already launched, which is discarded.
+    Pipelining: while the batch stays the same and no sequence asks for logprobs, a step launches the next
+    decode step on the GPU, fed the tokens the GPU already chose (the graph's argmax, or for sampled and penalized
+    rows engine/sampling.py's choice made on the device right after the step), before it reads its own tokens
+    back and detokenizes them, so host work hides behind the GPU. A sequence that ends on a token (end-of-text,
+    stop sequence) has one wasted row in the step already launched, which is discarded. A token's sampling noise
+    depends on its request's seed and its index only, so it is the same whichever path chose it.
     """
 
     def __init__(self, runner: NeoxRunner, eos_id: int, max_waiting: int, prefill_chunk: int):
@@ -51,7 +54,10 @@ class Scheduler:
         self.running: list[Sequence] = []  # running[i] is batch row i
         self.kv = KVSpace(runner.kv_tokens)
         self._pending: tuple[list[Sequence], TokenFetch] | None = None  # a launched step not yet read back
+        self._rows: RowSampling | None = None  # the pipelined batch's sampling, when any row is not plain greedy
         self._lock = threading.Lock()
+        # Per batch row: which token ids its sequence has seen (prompt and output), for the repetition penalty.
+        self.seen = torch.zeros((runner.max_slots, runner.head.weight.shape[0]), dtype=torch.bool, device=runner.device)
 
     @property
     def slots(self) -> int:
@@ -95,6 +101,8 @@ class Scheduler:
         i = seq.slot
         last = self.running.pop()
         if last is not seq:
+            if last.params.sampling.repetition_penalty != 1.0:
+                self.seen[i] = self.seen[last.slot]
             last.slot = i
             self.running[i] = last
         self.kv.free(seq.kv_base, seq.kv_size)
@@ -116,6 +124,9 @@ class Scheduler:
                         break
                     seq.kv_base, seq.slot = base, len(self.running)
                     self.running.append(seq)
+                    if seq.params.sampling.repetition_penalty != 1.0:
+                        self.seen[seq.slot] = False
+                        self.seen[seq.slot, torch.tensor(seq.prompt_ids, device=self.seen.device)] = True
                 self.waiting.popleft()
 
         # Prefill: up to `prefill_chunk` prompt tokens per step, newcomers in order of arrival. Short
@@ -167,8 +178,11 @@ class Scheduler:
         try:
             self.runner.forbid_eos([r and s.needs_eos_mask() for s, r in zip(self.running, ready)])
             logits = self.runner.decode(tokens, positions, [s.kv_base for s in self.running])  # [n, V]
-            if all(ready) and all(self._greedy_only(s, 0) for s in self.running):
-                self._pending = (list(self.running), self.runner.next_tokens(len(self.running)))
+            if all(ready) and all(self._on_device(s, 0) for s in self.running):
+                seqs = list(self.running)
+                self._rows = self._device_rows(seqs)
+                self._choose_on_device(logits)
+                self._pending = (seqs, self.runner.next_tokens(len(seqs)))
                 return out
         except Exception as e:  # noqa: BLE001 - the decoded rows fail; mid-prefill newcomers go on
             return out + _failed([self.running[i] for i in rows], e)
@@ -176,16 +190,40 @@ class Scheduler:
         return out
 
     @staticmethod
-    def _greedy_only(seq: Sequence, ahead: int) -> bool:
-        """Whether seq's token `ahead` tokens after those accepted is the argmax (no sampling, penalty or
-        logprobs; end-of-text masked on the GPU while min_new_tokens is unmet) and within max_new_tokens, so
-        that the GPU may choose it and feed it on without the host."""
+    def _on_device(seq: Sequence, ahead: int) -> bool:
+        """Whether seq's token `ahead` tokens after those accepted may be chosen and fed on by the GPU without the
+        host: within max_new_tokens, no logprobs asked for (greedy or sampled, penalties and the end-of-text mask
+        all run on the device)."""
         n, p = len(seq.generated) + ahead, seq.params
-        return (seq.simple_greedy and not p.logprobs and n < p.max_new_tokens
-                and not seq.cancelled and not seq.finish_reason)
+        return not p.logprobs and n < p.max_new_tokens and not seq.cancelled and not seq.finish_reason
+
+    def _device_rows(self, seqs: list[Sequence]) -> RowSampling | None:
+        """The sampling of a batch about to be pipelined (batch rows 0..n-1), None when every row is plain greedy
+        (the graph's own argmax is then the choice). Its end-of-text mask is the runner's (forbid_eos), its step
+        counters advance on the device with every launched step."""
+        if all(s.simple_greedy for s in seqs):
+            return None
+        rows = RowSampling.of([s.params.sampling for s in seqs], [s.seed for s in seqs],
+                              [len(s.generated) for s in seqs], [s.needs_eos_mask() for s in seqs], self.runner.device)
+        rows.no_eos = self.runner._no_eos[: len(seqs)]
+        return rows
+
+    def _choose_on_device(self, logits: torch.Tensor) -> None:
+        """For a pipelined batch with sampled or penalized rows: sample every row's token from the step's logits
+        [n, V] on the device and leave it as the next step's input, where the graph left its argmax."""
+        rows = self._rows
+        if rows is None:
+            return
+        n = logits.shape[0]
+        toks = sample(logits, rows, self.seen[:n] if "penalty" in rows.uses else None, self.eos_id,
+                      self.runner.choosable)  # [n]
+        self.runner.feed(toks)
+        if "penalty" in rows.uses:
+            self.seen[torch.arange(n, device=toks.device), toks] = True
 
     def _step_pipelined(self) -> list[Output]:
-        """Launch the next greedy step if the batch is unchanged, then read back and accept the pending one."""
+        """Launch the next step if the batch is unchanged (its tokens chosen on the device), then read back and
+        accept the pending one."""
         seqs, fetch = self._pending
         self._pending = None
         with self._lock:
@@ -193,9 +231,12 @@ class Scheduler:
         # Each sequence's pending token sits at position s.length, the one after its accepted tokens.
         last = max(s.length for s in seqs)
         try:
-            if not admit and self.running == seqs and all(self._greedy_only(s, 1) for s in seqs) and last < self.runner.max_len:
+            if not admit and self.running == seqs and all(self._on_device(s, 1) for s in seqs) and last < self.runner.max_len:
                 self.runner.forbid_eos([s.needs_eos_mask(1) for s in seqs])
-                self.runner.decode_again(len(seqs), last)
+                logits = self.runner.decode_again(len(seqs), last)
+                if self._rows is not None:
+                    self._rows.step += 1
+                    self._choose_on_device(logits)
                 self._pending = (seqs, self.runner.next_tokens(len(seqs)))
             tokens = fetch.wait()
         except Exception as e:  # noqa: BLE001
@@ -208,21 +249,32 @@ class Scheduler:
         return out
 
     def _next_batch(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Output]:
-        """Choose one token per sequence from logits [n, V]: greedy rows in one batched argmax; a row whose
-        choice raises fails alone."""
-        # Logprobs describe the model's own distribution: taken before any masking.
-        logp = torch.log_softmax(logits, -1) if any(s.params.logprobs for s in seqs) else None  # [n, V]
-        if self.runner.choosable < logits.shape[-1]:
-            logits[:, self.runner.choosable :] = float("-inf")  # padding rows of the output layer: never generated
-        mask_rows = [i for i, s in enumerate(seqs) if s.needs_eos_mask()]
-        if mask_rows:
-            logits[mask_rows, self.eos_id] = float("-inf")  # min_new_tokens: no end-of-text yet
-        greedy = logits.argmax(-1).tolist() if any(s.simple_greedy for s in seqs) else None
+        """Choose one token per sequence from logits [n, V] in one batched call on the device (engine/sampling.py:
+        greedy and sampled rows, penalties, masks), read back with one copy; then accept them on the host."""
+        try:
+            rows = RowSampling.of([s.params.sampling for s in seqs], [s.seed for s in seqs],
+                                  [len(s.generated) for s in seqs], [s.needs_eos_mask() for s in seqs], logits.device)
+            slots = torch.tensor([s.slot for s in seqs], device=logits.device)  # [n]
+            seen = self.seen[slots] if "penalty" in rows.uses else None  # [n, V]
+            toks = sample(logits, rows, seen, self.eos_id, self.runner.choosable)  # [n]
+            if "penalty" in rows.uses:
+                self.seen[slots, toks] = True
+            # Logprobs describe the model's own distribution: before penalties and masks.
+            k = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
+            if k >= 0:
+                logp = torch.log_softmax(logits, -1)  # [n, V]
+                lp = logp.gather(1, toks[:, None])[:, 0].tolist()
+                top_v, top_i = (x.tolist() for x in torch.topk(logp, k, -1)) if k else ([[]] * len(seqs), [[]] * len(seqs))
+            toks = toks.tolist()
+        except Exception as e:  # noqa: BLE001 - the rows of this choice fail; others go on
+            return _failed(seqs, e)
         out = []
         for i, s in enumerate(seqs):
             try:
-                tok = choose(s, logits[i], greedy[i] if greedy and s.simple_greedy else None)
-                out.append((s, accept(s, tok, self.eos_id, logp[i] if logp is not None and s.params.logprobs else None)))
+                if s.params.logprobs:
+                    out.append((s, accept(s, toks[i], self.eos_id, lp[i], top_i[i], top_v[i])))
+                else:
+                    out.append((s, accept(s, toks[i], self.eos_id)))
             except Exception as e:  # noqa: BLE001
                 out.extend(_failed([s], e))
         return out

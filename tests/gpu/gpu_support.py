@@ -17,8 +17,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 pytestmark = [pytest.mark.gpu, needs_gpu]
 
 SAMPLE_TIE = 0.08
-"""Largest difference of exponential-race scores (log p - log E) between two tokens accepted as a near-tie when a
-seeded sampled sequence differs between two runs."""
+"""Largest difference of Gumbel-max scores between two tokens accepted as a near-tie when a seeded sampled sequence
+differs between two runs."""
 
 _ENGINE = None
 
@@ -74,19 +74,17 @@ def tokens(chunks) -> list[int]:
 
 
 def sampled_tie(model, prompt: list[int], prefix: list[int], a: int, b: int, params, seed: int) -> float:
-    """At the first token where two runs of one seeded request differ (same prefix, so the same noise draw),
-    how close tokens a and b are under transformers' distribution: |score(a) - score(b)| with
-    score = log p - log E, the exponential race that engine/sampling.py runs (E: the request generator's
-    draw for this step)."""
-    from service.engine.sampling import _filter, apply_repetition_penalty
+    """At the first token where two runs of one seeded request differ (same prefix, so the same noise), how close
+    tokens a and b are under transformers' distribution: |score(a) - score(b)| with score = z + Gumbel noise, the
+    choice engine/sampling.py makes (z: the filtered, temperature-scaled logits; the noise: its hash of seed and
+    token index)."""
+    from service.engine.sampling import RowSampling, _filter, apply_repetition_penalty, uniform
 
     row = reference_logits(model, prompt, prefix + [a])[-1]  # [V] after prompt + prefix
     row = apply_repetition_penalty(row, torch.tensor(prompt + prefix, device=row.device), params.repetition_penalty)
-    logp = torch.log_softmax(_filter(row, params), -1).cpu()
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for _ in range(len(prefix) + 1):  # one [V] draw per sampled token
-        noise = torch.empty_like(logp).exponential_(generator=g)
-    score = logp - noise.log()
+    z = _filter(row, params)
+    rows = RowSampling.of([params], [seed], [len(prefix)], [False], row.device)
+    score = z - torch.log(-torch.log(uniform(rows.seed_lo, rows.seed_hi, rows.step, z.shape[-1])[0]))
     return float((score[a] - score[b]).abs())
 
 

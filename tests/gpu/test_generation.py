@@ -164,7 +164,7 @@ def test_no_step_writes_outside_its_sequence_range(engine, monkeypatch):
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     """One seeded request alone (twice: identical), then inside batches of 3 and 9 other requests (sampled and
-    greedy, other lengths): the same tokens, or a first difference at a near-tie of the exponential race under
+    greedy, other lengths): the same tokens, or a first difference at a near-tie of the Gumbel-max choice under
     transformers' distribution."""
     params = GenerationParams(max_new_tokens=48, min_new_tokens=48,
                               sampling=SamplingParams(temperature=0.8, top_p=0.95, seed=4242))
@@ -186,3 +186,39 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine):
             ties.append((others + 1, i, tie))
         assert len(got) == len(alone)
     record("seeded_sampling", near_ties=ties)
+
+
+def test_sampled_streams_run_ahead_on_the_gpu_with_the_host_paths_tokens(engine, monkeypatch):
+    """Sampled (temperature, top-k, top-p, min_new_tokens) and penalized streams are pipelined: the GPU samples each
+    step's tokens right after the step and feeds them on. Against the host path (every step read back first): the
+    same tokens, or a first difference at a near-tie (the batches can form at other steps); greedy rows hold
+    transformers' tokens either way."""
+    from service.engine.scheduler import Scheduler
+
+    runner = engine.runner
+    calls = []
+    orig = runner.decode_again
+    monkeypatch.setattr(runner, "decode_again", lambda n, p: calls.append(n) or orig(n, p))
+    sampled = [GenerationParams(max_new_tokens=48, min_new_tokens=8, sampling=SamplingParams(
+        temperature=0.8, top_p=0.95, top_k=50 if i % 2 else 0, seed=i)) for i in range(6)]
+    jobs = [(prompt_ids(150 + 120 * i, seed=600 + i), q) for i, q in enumerate(sampled)]
+    jobs += [(prompt_ids(300, seed=700), _params(PENALTY, 40)), (prompt_ids(90, seed=701), _params(GREEDY, 40))]
+    piped = _together(engine, jobs)
+    assert calls, "no sampled step ran ahead of the host"
+    monkeypatch.setattr(Scheduler, "_on_device", staticmethod(lambda seq, ahead: False))
+    host = _together(engine, jobs)
+    same, ties = 0, []
+    for (p, q), a, b in zip(jobs, piped, host):
+        assert len(a) == len(b) == q.max_new_tokens and max(a) < engine.lm.tokenizer_size
+        if q.sampling.greedy:
+            _check(engine, p, a, q, "pipelined")
+            _check(engine, p, b, q, "host path")
+        i = first_divergence(a, b)
+        if i is None:
+            same += 1
+        elif not q.sampling.greedy:
+            tie = sampled_tie(engine.lm.model, p, a[:i], a[i], b[i], q.sampling, q.sampling.seed)
+            assert tie <= SAMPLE_TIE, f"seed {q.sampling.seed}: token {i} {a[i]} pipelined, {b[i]} on the host ({tie:.3f})"
+            ties.append(tie)
+    record("sampled_pipelined", streams=len(jobs), identical_to_host_path=same, near_ties=ties,
+           pipelined_steps=len(calls))

@@ -124,3 +124,39 @@ def test_health_checks_run_on_the_model_thread_and_never_pile_up(engine_fp32, mo
     engine_fp32._busy_since = None
     run(engine_fp32.probe())
     assert len(seen) == 2
+
+
+def test_close_ends_streams_and_queued_score_and_frees_the_engine(tiny_dir):
+    """Shutting an engine down: a stream in flight ends with NotReady (UNAVAILABLE to the client), a Score call
+    waiting in the batcher fails the same way, and nothing (a batcher task left pending on the event loop, a
+    thread) keeps the engine, so its memory, alive."""
+    import gc
+    import weakref
+
+    import bitsandbytes  # noqa: F401 - imported first inside an engine, it logs an exception whose traceback
+    # (kept by pytest's log capture) holds the engine's __init__ frame
+
+    from conftest import _engine
+    from service.engine.engine import ScoreOptions
+    from service.engine.errors import NotReady
+
+    engine = _engine(tiny_dir, "none", {"max_slots": 2})
+    run(engine.score([("가", " 나")], ScoreOptions()))  # the batcher's task now waits on the session loop
+    engine.cfg.batch.max_wait_ms = 200.0  # the next Score call sits in the queue when close() comes
+
+    async def main():
+        stream = asyncio.ensure_future(_collect(engine, "오늘은", GenerationParams(max_new_tokens=500, ignore_eos=True)))
+        score = asyncio.ensure_future(engine.score([("다", " 라")], ScoreOptions()))
+        await asyncio.sleep(0.1)
+        assert not stream.done() and not score.done()
+        engine.close()
+        return await asyncio.gather(stream, score, return_exceptions=True)
+
+    stream, score = run(main())
+    assert isinstance(stream, NotReady) and isinstance(score, NotReady)
+    engine._model_thread.shutdown(wait=True)  # a step that was running when close() came holds the engine until it ends
+    ref = weakref.ref(engine)
+    del engine, stream, score  # (the exceptions' tracebacks hold the engine's frames)
+    run(asyncio.sleep(0.05))  # the loop runs the cancelled batcher task to its end
+    gc.collect()
+    assert ref() is None, "something still holds the closed engine"

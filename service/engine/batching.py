@@ -41,6 +41,13 @@ def plan_batches(items: list, length: Callable[[object], int], max_tokens: int, 
     return out
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class ScoreBatcher:
     """Collects ScoreItems from many coroutines and runs them in batches, one batch at a time.
 
@@ -87,6 +94,27 @@ class ScoreBatcher:
             for e in entries:
                 e.future.cancel()
             raise
+
+    def close(self, exc: BaseException) -> None:
+        """Fail every queued item with exc and stop the loop task (engine shutdown): a task left pending on its
+        event loop would keep the batcher, and through it the engine and its GPU memory, alive."""
+        task = self._task
+
+        def stop():
+            for p in self._pending:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            self._pending = []
+            if task is not None:
+                task.cancel()
+
+        if task is None or task.done():
+            return
+        loop = task.get_loop()
+        if loop.is_running() and not _on_loop(loop):
+            loop.call_soon_threadsafe(stop)
+        else:
+            stop()
 
     async def _loop(self) -> None:
         while True:

@@ -347,6 +347,20 @@ class Engine:
             raise RuntimeError(f"device {self.lm.device} returned a wrong sum")
 
     def close(self) -> None:
+        """Shut down: streams in flight and queued Score calls end with NotReady (UNAVAILABLE, so clients retry
+        elsewhere), and the threads and batcher tasks stop, so nothing keeps the engine's GPU memory alive."""
         self._closed = True
+        err = NotReady("the replica is shutting down")
+        by_loop: dict = {}
+        for seq in self.scheduler.abort():
+            by_loop.setdefault(seq.loop, []).append((seq, err))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody waits
+                pass
+        for b in (self._batcher, self._choice_batcher):
+            if b is not None:
+                b.close(err)
         self._model_thread.shutdown(wait=False, cancel_futures=True)
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)

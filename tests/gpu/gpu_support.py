@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+try:  # imported here, not first inside an engine: its import-time log records (kept by pytest's log capture)
+    import bitsandbytes  # noqa: F401 - would otherwise hold an engine's frames, and its GPU memory, alive
+except ImportError:  # CPU-only machines without it: the suite is skipped there anyway
+    pass
+
 from service.verify import TIE, greedy_gaps, reference_logits  # noqa: F401 - the suite's reference
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -47,6 +52,9 @@ def release_engine() -> None:
     if _ENGINE is not None:
         _ENGINE.close()
         _ENGINE = None
+        from conftest import run
+
+        run(__import__("asyncio").sleep(0))  # the loop ends the closed engine's cancelled batcher tasks
         gc.collect()
         torch.cuda.empty_cache()
 

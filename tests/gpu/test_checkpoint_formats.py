@@ -3,6 +3,7 @@ float16 in every path, equal to the same weights quantized at load, as fast as n
 scores lie from the unquantized fp16 model's."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import random
 import time
@@ -28,9 +29,10 @@ def _engine(model: str, quantization: str = "nf4"):
                                generation=GenerationConfig(max_slots=8, kv_cache_tokens=16384)))
 
 
-def _free(engine) -> None:
-    engine.close()
-    del engine
+def _release() -> None:
+    """After an engine's last reference is gone: collect it and give its GPU memory back (the modules after this
+    one need it)."""
+    run(asyncio.sleep(0))  # the loop ends the closed engine's cancelled batcher tasks
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -104,22 +106,31 @@ def test_fp4_float32_checkpoint_serves_at_float16_like_quantizing_at_load(fp4_ch
     for p, g in zip(prompts, gen_saved):
         assert max(greedy_gaps(lm.model, p, g, eos_id=lm.eos_token_id, min_new=32)) <= TIE
     scores_saved, rate_saved, n_tokens = _score_rate(saved, pairs)
-    _free(saved)
+    saved.close()
+    del saved, lm, layers
+    _release()
 
     at_load = _engine(model_dir(), "fp4")  # the same fp16 weights, quantized as fp4 while loading
     scores_load, rate_load, _ = _score_rate(at_load, pairs)
     gen_load = run(generate(at_load))
-    _free(at_load)
+    at_load.close()
+    del at_load
+    _release()
     assert gen_load == gen_saved
     diff = max(abs(a - b) for a, b in zip(scores_saved, scores_load))
     assert diff <= 1e-4, f"saved fp4 checkpoint scores {diff} away from the same weights quantized at load"
 
     nf4 = _engine(model_dir(), "nf4")
     scores_nf4, rate_nf4, _ = _score_rate(nf4, pairs)
-    _free(nf4)
+    nf4.close()
+    del nf4
+    _release()
     fp16 = _engine(model_dir(), "none")
     scores_fp16, rate_fp16, _ = _score_rate(fp16, pairs)
-    _free(fp16)
+    fp16.close()
+    del fp16
+    _release()
+    assert torch.cuda.memory_allocated() < 2 << 30, "an engine of this test is still alive"
 
     dev = {name: {"mean_abs": sum(abs(a - b) for a, b in zip(s, scores_fp16)) / len(s),
                   "max_abs": max(abs(a - b) for a, b in zip(s, scores_fp16)),

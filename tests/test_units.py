@@ -273,3 +273,15 @@ def test_choice_normalized_divides_by_the_choice_text_as_lm_eval_acc_norm():
     assert r.choice == 0 and r.choice_normalized == 1
     r = score_response([("질문", "\n가"), ("질문", "\n나다라")], [result(-1.0), result(-2.5)], str, delimiter="\n")
     assert r.choice_normalized == 1
+
+
+def test_temperatures_below_the_floor_are_greedy():
+    """temperature=1e-40 passed validation and made every positive logit +inf: the token was the first positive
+    one, not the best. Below MIN_TEMPERATURE a request is greedy."""
+    from service.engine.sampling import MIN_TEMPERATURE
+
+    logits = torch.tensor([[0.5, 3.0, 1.0, -2.0]])
+    for t in (1e-40, 1e-6, MIN_TEMPERATURE / 2):
+        p = SamplingParams(temperature=t, seed=1)
+        assert p.greedy and sample(logits, _rows([p]), None, eos_id=99).item() == 1
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy

@@ -15,11 +15,17 @@ import random
 import torch
 
 
+MIN_TEMPERATURE = 1e-3
+"""Temperatures below this are greedy: dividing logits by a tinier one overflows float32 (1e-40 made every positive
+logit +inf, so the "choice" was the first of them, not the best), and at 1e-3 a logit ahead by 0.02 already wins with
+odds of e^20."""
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """Normalized sampling parameters of one request (defaults already applied)."""
 
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # below MIN_TEMPERATURE (0 included): greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     typical_p: float = 1.0
@@ -28,7 +34,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def seed_of(seed: int | None) -> int:
@@ -66,7 +72,7 @@ class RowSampling:
             ("penalty", any(p.repetition_penalty != 1.0 for p in params)),
             ("no_eos", any(no_eos))) if on}
         return cls(
-            temperature=t([p.temperature for p in params], torch.float32),
+            temperature=t([0.0 if p.greedy else p.temperature for p in params], torch.float32),
             top_k=t([p.top_k for p in params], torch.long),
             top_p=t([p.top_p for p in params], torch.float32),
             typical_p=t([p.typical_p for p in params], torch.float32),

@@ -131,7 +131,7 @@ class Engine:
     async def _on_model_thread(self, fn, *args):
         return await asyncio.wrap_future(self._submit(fn, *args))
 
-    async def _on_tokenizer_thread(self, fn, *args):
+    async def on_tokenizer_thread(self, fn, *args):
         """Off the event loop (a few-shot context or a text to score is thousands of characters), on one
         thread: the Rust backend already spreads a batch over the cores, and more such batches at once
         starve the model thread of the CPU it needs to launch kernels."""
@@ -141,7 +141,7 @@ class Engine:
 
     async def score(self, pairs: list[tuple[str, str]], opts: ScoreOptions) -> list[PairResult]:
         """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` rules)."""
-        encoded = await self._on_tokenizer_thread(encode_pairs, self._encoder, pairs, self.lm.prefix_token_id)
+        encoded = await self.on_tokenizer_thread(encode_pairs, self._encoder, pairs, self.lm.prefix_token_id)
         group = None if opts.details else group_choices(encoded, self.window)
         if group is not None:
             # One context, several continuations: its forward pass is shared, not repeated per choice.
@@ -164,7 +164,7 @@ class Engine:
     async def score_rolling(self, text: str) -> tuple[float, int, int]:
         """(log-likelihood, tokens, windows) of a whole text, lm-eval `loglikelihood_rolling` rules; the
         windows go through the same batcher as Score pairs."""
-        (tokens,) = await self._on_tokenizer_thread(self._encoder, [text])
+        (tokens,) = await self.on_tokenizer_thread(self._encoder, [text])
         if not tokens:
             raise InvalidRequest("text encodes to zero tokens")
         windows = rolling_windows(tokens, self.lm.prefix_token_id, self.window)
@@ -313,15 +313,16 @@ class Engine:
     # --- Tokenizer ---------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> tuple[list[int], list[str]]:
-        ids = encode(self.lm.tokenizer, text)
-        return ids, [self.lm.tokenizer.decode([i]) for i in ids]
+        """Ids and each token's text (blocking: callers on an event loop go through on_tokenizer_thread)."""
+        (ids,) = self._encoder([text])
+        return ids, self._encoder.token_texts(ids)
 
     def detokenize(self, ids: list[int]) -> str:
         self._check_ids(ids)
         return self.lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        return [self.lm.tokenizer.decode([i]) for i in ids]
+        return self._encoder.token_texts(ids)
 
     async def probe(self) -> None:
         """Health, touching the GPU from the model thread only (another thread's CUDA call can break a graph

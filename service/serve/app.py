@@ -123,7 +123,7 @@ class LanguageModelServer:
     async def _generate(self, request):
         """Validate, then yield the accumulator after every generated token."""
         text, ids, params = validation.generate_request(request, self.limits)
-        prompt = self.engine.prompt_ids(text, ids)
+        prompt = await self.engine.on_tokenizer_thread(self.engine.prompt_ids, text, ids)  # off the event loop
         acc = convert.GenerateAccumulator(len(prompt), params.logprobs, self._token_text)
         try:
             async for chunk, seed in self.engine.generate(prompt, params):
@@ -142,14 +142,16 @@ class LanguageModelServer:
 
     async def Tokenize(self, request: lm_pb2.TokenizeRequest, grpc_context) -> lm_pb2.TokenizeResponse:
         async def work():
-            ids, texts = self.engine.tokenize(validation.text_request("text", request.text, self.limits))
+            text = validation.text_request("text", request.text, self.limits)
+            ids, texts = await self.engine.on_tokenizer_thread(self.engine.tokenize, text)  # off the event loop
             return lm_pb2.TokenizeResponse(ids=ids, texts=texts)
 
         return await self._unary("Tokenize", grpc_context, request, lm_pb2.TokenizeResponse(), work)
 
     async def Detokenize(self, request: lm_pb2.DetokenizeRequest, grpc_context) -> lm_pb2.DetokenizeResponse:
         async def work():
-            return lm_pb2.DetokenizeResponse(text=self.engine.detokenize(list(request.ids)))
+            return lm_pb2.DetokenizeResponse(text=await self.engine.on_tokenizer_thread(self.engine.detokenize,
+                                                                                        list(request.ids)))
 
         return await self._unary("Detokenize", grpc_context, request, lm_pb2.DetokenizeResponse(), work)
 

@@ -42,6 +42,18 @@ def _deliver(items: list) -> None:
         seq.sink.put_nowait(item)
 
 
+def _send(outputs: list) -> None:
+    """From any thread: each (sequence, chunk or exception) to its caller's event loop, one call per loop."""
+    by_loop: dict = {}
+    for seq, item in outputs:
+        by_loop.setdefault(seq.loop, []).append((seq, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # that event loop is closed: nobody is waiting for these chunks
+            pass
+
+
 class Engine:
     """One model replica. Call order: Engine(cfg) loads the model (blocking); then any number of
     concurrent score() / generate() / tokenize() calls from one asyncio loop; close() at the end."""
@@ -274,14 +286,7 @@ class Engine:
             outputs = self.scheduler.step()
         except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep the replica
             outputs = [(seq, e) for seq in self.scheduler.abort()]
-        by_loop: dict = {}
-        for seq, item in outputs:
-            by_loop.setdefault(seq.loop, []).append((seq, item))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that event loop is closed: nobody is waiting for these chunks
-                pass
+        _send(outputs)
         with self._gen_lock:
             self._gen_running = self.scheduler.has_work() and not self._closed
             if not self._gen_running:
@@ -352,14 +357,7 @@ class Engine:
         elsewhere), and the threads and batcher tasks stop, so nothing keeps the engine's GPU memory alive."""
         self._closed = True
         err = NotReady("the replica is shutting down")
-        by_loop: dict = {}
-        for seq in self.scheduler.abort():
-            by_loop.setdefault(seq.loop, []).append((seq, err))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that loop is closed: nobody waits
-                pass
+        _send([(seq, err) for seq in self.scheduler.abort()])
         for b in (self._batcher, self._choice_batcher):
             if b is not None:
                 b.close(err)

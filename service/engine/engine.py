@@ -232,7 +232,7 @@ class Engine:
         (client cancelled, deadline) leaves the batch at the step after and frees its KV-cache range.
         Inter-token gaps in the stats: a chunk of m tokens counts m gaps of (time since the last chunk) / m."""
         self.check_generation(prompt_ids, params)
-        seq = Sequence(prompt_ids, params, self.lm.tokenizer, self.lm.device)
+        seq = Sequence(prompt_ids, params, self.lm.tokenizer)
         seq.sink, seq.loop = asyncio.Queue(), asyncio.get_running_loop()
         self.scheduler.add(seq)
         with self._gen_lock:

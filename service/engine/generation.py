@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from .sampling import SamplingParams, seed_of
 from .text import IncrementalDecoder
 
@@ -84,13 +82,12 @@ class StopMatcher:
 class Sequence:
     """One generation request: prompt, parameters, RNG, decoded text so far, and its place in the batch."""
 
-    def __init__(self, prompt_ids: list[int], params: GenerationParams, tokenizer, device: torch.device):
+    def __init__(self, prompt_ids: list[int], params: GenerationParams, tokenizer):
         self.prompt_ids = prompt_ids
         self.params = params
         self.seed = seed_of(params.sampling.seed)
         self.decoder = IncrementalDecoder(tokenizer, prompt_ids, params.skip_special_tokens)
         self.stops = StopMatcher(params.stop)
-        self.device = device
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.prefilled = 0  # prompt tokens already in the KV cache

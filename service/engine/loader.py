@@ -156,11 +156,11 @@ def load(cfg: ModelConfig) -> LoadedModel:
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=cfg.double_quant,
         )
-        quant = cfg.quantization
     model = AutoModelForCausalLM.from_pretrained(cfg.model, **load_kw)
     model.eval()
     model.requires_grad_(False)
     modules = _compute_in(model, dtype)
+    rows = int(model.get_output_embeddings().weight.shape[0])
 
     n_pos = int(getattr(hf_config, "max_position_embeddings", 2048))
     max_context = min(cfg.max_context, n_pos) if cfg.max_context > 0 else n_pos
@@ -182,7 +182,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
         compute_dtype=dtype,
         quantization=modules["quantization"],
         max_context=max_context,
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        vocab_size=rows,
         eos_token_id=int(eos),
         model_id=str(cfg.model) if not local.is_dir() else os.path.abspath(cfg.model),
         revision=revision,
@@ -190,6 +190,6 @@ def load(cfg: ModelConfig) -> LoadedModel:
         quant_storage=modules["quant_storage"],
         double_quant=modules["double_quant"],
         checkpoint_compute_dtype=str(stored.get("bnb_4bit_compute_dtype", "none")).removeprefix("torch."),
-        tokenizer_size=min(len(tokenizer), int(model.get_output_embeddings().weight.shape[0])),
+        tokenizer_size=min(len(tokenizer), rows),
         prefix_token_id=int(eos if tokenizer.bos_token_id is None else tokenizer.bos_token_id),
     )

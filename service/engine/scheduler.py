@@ -203,23 +203,29 @@ class Scheduler:
         counters advance on the device with every launched step."""
         if all(s.simple_greedy for s in seqs):
             return None
-        rows = RowSampling.of([s.params.sampling for s in seqs], [s.seed for s in seqs],
-                              [len(s.generated) for s in seqs], [s.needs_eos_mask() for s in seqs], self.runner.device)
+        rows = self._rows_of(seqs)
         rows.no_eos = self.runner._no_eos[: len(seqs)]
         return rows
+
+    def _rows_of(self, seqs: list[Sequence]) -> RowSampling:
+        """The sampling of seqs' next tokens (one row each) as device tensors."""
+        return RowSampling.of([s.params.sampling for s in seqs], [s.seed for s in seqs],
+                              [len(s.generated) for s in seqs], [s.needs_eos_mask() for s in seqs], self.runner.device)
+
+    def _choose(self, logits: torch.Tensor, rows: RowSampling, slots: torch.Tensor) -> torch.Tensor:
+        """Each row's token [n] from logits [n, V] on the device; the batch rows `slots` [n] its sequences hold
+        remember it for the repetition penalty."""
+        penalty = "penalty" in rows.uses
+        toks = sample(logits, rows, self.seen[slots] if penalty else None, self.eos_id, self.runner.choosable)  # [n]
+        if penalty:
+            self.seen[slots, toks] = True
+        return toks
 
     def _choose_on_device(self, logits: torch.Tensor) -> None:
         """For a pipelined batch with sampled or penalized rows: sample every row's token from the step's logits
         [n, V] on the device and leave it as the next step's input, where the graph left its argmax."""
-        rows = self._rows
-        if rows is None:
-            return
-        n = logits.shape[0]
-        toks = sample(logits, rows, self.seen[:n] if "penalty" in rows.uses else None, self.eos_id,
-                      self.runner.choosable)  # [n]
-        self.runner.feed(toks)
-        if "penalty" in rows.uses:
-            self.seen[torch.arange(n, device=toks.device), toks] = True
+        if self._rows is not None:
+            self.runner.feed(self._choose(logits, self._rows, torch.arange(logits.shape[0], device=logits.device)))
 
     def _step_pipelined(self) -> list[Output]:
         """Launch the next step if the batch is unchanged (its tokens chosen on the device), then read back and
@@ -252,13 +258,7 @@ class Scheduler:
         """Choose one token per sequence from logits [n, V] in one batched call on the device (engine/sampling.py:
         greedy and sampled rows, penalties, masks), read back with one copy; then accept them on the host."""
         try:
-            rows = RowSampling.of([s.params.sampling for s in seqs], [s.seed for s in seqs],
-                                  [len(s.generated) for s in seqs], [s.needs_eos_mask() for s in seqs], logits.device)
-            slots = torch.tensor([s.slot for s in seqs], device=logits.device)  # [n]
-            seen = self.seen[slots] if "penalty" in rows.uses else None  # [n, V]
-            toks = sample(logits, rows, seen, self.eos_id, self.runner.choosable)  # [n]
-            if "penalty" in rows.uses:
-                self.seen[slots, toks] = True
+            toks = self._choose(logits, self._rows_of(seqs), torch.tensor([s.slot for s in seqs], device=logits.device))
             # Logprobs describe the model's own distribution: before penalties and masks.
             k = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
             if k >= 0:

@@ -2,8 +2,9 @@
 
     python -m service.lm_eval run --model polyglot-grpc --model_args address=HOST:9000 --tasks kobest_copa
 
-(`python -m service.lm_eval` is lm-eval's own command line with this model registered; in Python,
-`import service.lm_eval` registers it for `lm_eval.simple_evaluate(model="polyglot-grpc", ...)`.)
+(`python -m service.lm_eval` is lm-eval's own command line with this model registered and the KoBEST tasks read
+offline from the published files (service/kobest); in Python, `import service.lm_eval` registers the model for
+`lm_eval.simple_evaluate(model="polyglot-grpc", ..., task_manager=service.kobest.task_manager())`.)
 Requests go out concurrently; loglikelihood requests that share a context are sent as one Score
 call, so the service computes that context once for all its choices. Each finished request goes to lm-eval's cache
 hook at once, so a run with `--use_cache` that is interrupted keeps what it finished. generate_until follows HFLM:
@@ -14,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 
+import lm_eval.models  # noqa: F401 - lm-eval's own models (hf, ...): it imports them only into an empty registry
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -42,9 +44,19 @@ class PolyglotGRPC(LM):
             self._max_length = self.client.model_info(timeout=self.timeout).max_context
         return self._max_length
 
-    def _map(self, fn, items):
-        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as ex:
-            return list(ex.map(fn, items))
+    def _map(self, fn, items, desc: str, disable_tqdm: bool = False, weights=None):
+        """fn over items on `concurrency` threads, in order; a progress bar counts lm-eval requests (`weights`: how
+        many each item carries) as their calls return."""
+        from tqdm import tqdm
+
+        weights = weights or [1] * len(items)
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as ex, \
+                tqdm(total=sum(weights), desc=desc, disable=disable_tqdm) as bar:
+            futures = [ex.submit(fn, x) for x in items]
+            index = {f: i for i, f in enumerate(futures)}
+            for f in concurrent.futures.as_completed(futures):
+                bar.update(weights[index[f]])
+            return [f.result() for f in futures]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [tuple(r.args) for r in requests]
@@ -61,7 +73,8 @@ class PolyglotGRPC(LM):
             return out
 
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
-        for idx, res in zip(calls, self._map(score, calls)):
+        for idx, res in zip(calls, self._map(score, calls, "Scoring through the service", disable_tqdm,
+                                             [len(c) for c in calls])):
             for i, x in zip(idx, res):
                 out[i] = x
         return out  # type: ignore[return-value]
@@ -72,7 +85,7 @@ class PolyglotGRPC(LM):
             self.cache_hook.add_partial("loglikelihood_rolling", r.args, ll)
             return ll
 
-        return self._map(rolling, requests)
+        return self._map(rolling, requests, "Rolling scores through the service", disable_tqdm)
 
     def _prompt(self, context: str, max_gen: int) -> str | list[int]:
         """HFLM keeps the last max_length - max_gen_toks tokens of a context. A token is at least one UTF-8 byte, so
@@ -99,12 +112,30 @@ class PolyglotGRPC(LM):
             self.cache_hook.add_partial("generate_until", r.args, text)
             return text
 
-        return self._map(gen, requests)
+        return self._map(gen, requests, "Generating through the service", disable_tqdm)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's command line, with the offline KoBEST tasks (service/kobest) in place of its hub-reading kobest_*
+    tasks, and one flag of ours: `--kobest_dir PATH`, the KoBEST v1.0 files (default ../shared/data/kobest)."""
+    import os
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
+    from .kobest import ENV, TASK_DIR
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--kobest_dir" in args:
+        i = args.index("--kobest_dir")
+        os.environ[ENV] = args[i + 1]
+        del args[i : i + 2]
+    if args[:1] == ["run"]:
+        if "--include_path" in args:  # lm-eval's run takes one path, and this one is ours
+            sys.exit(f"--include_path: this command passes {TASK_DIR} there (the offline KoBEST tasks); "
+                     "use `lm_eval run` for other task directories")
+        args += ["--include_path", str(TASK_DIR)]
+    sys.argv = [sys.argv[0], *args]
     cli_evaluate()
 
 

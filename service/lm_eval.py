@@ -24,10 +24,11 @@ from .client import Client
 
 @register_model("polyglot-grpc")
 class PolyglotGRPC(LM):
-    def __init__(self, address: str = "localhost:9000", concurrency: int = 32, token: str | None = None,
+    def __init__(self, address: str = "localhost:9000", concurrency: int = 128, token: str | None = None,
                  timeout: float = 600.0, max_pairs: int = 64, max_length: int | None = None,
                  batch_size=None, max_batch_size=None, device=None):
-        """model_args: address, concurrency, token, timeout, max_pairs (pairs per Score call), max_length (the
+        """model_args: address, concurrency (Score/Generate calls in flight; 128 ran KoBEST 5-shot 10 % faster than 32
+        on an H200), token, timeout, max_pairs (pairs per Score call), max_length (the
         window generate_until truncates to; default the service's). lm-eval passes batch_size, max_batch_size and
         device to every model: batching and placement are the server's job, so they are accepted and unused. Any
         other key (a typo) is refused by Python with its name."""

@@ -129,3 +129,37 @@ def test_kobest_through_the_service_equals_hflm(tiny_dir, hflm):
         assert all(c.count("\n\n") == shots for c in contexts)  # lm-eval's few-shot separator: 5 examples or none
         if shots == 5:
             assert max(map(len, contexts)) > 1200
+
+
+def test_benchmark_records_the_requests_and_reports_lm_evals_metrics_of_each_side(tmp_path):
+    """The KoBEST benchmark's record -> (GPU run) -> report chain, with made-up answers for the GPU step: the
+    recorded requests are lm-eval's, the report's metrics are lm-eval's on those answers, and a document whose
+    choice differs is listed with its margin."""
+    import json
+
+    from service.kobest import bench, read_rows
+
+    mix = bench.record(tmp_path / "req.json.xz", limit=2)
+    assert mix["documents_per_task"] == {t: 2 for t in TASKS}
+    assert mix["requests"] == 2 * (2 + 2 + 4 + 2 + 2)
+    data, pairs = bench._load_requests(tmp_path / "req.json.xz")
+    hflm = [[-float(len(x)), False] for _, x in pairs]  # the shortest choice wins
+    service = [list(a) for a in hflm]
+    first_copa = next(i for i, (t, *_) in enumerate(data["requests"]) if t == "kobest_copa")
+    copa = pairs[first_copa : first_copa + 2]
+    assert len(copa[0][1]) < len(copa[1][1])  # the first COPA document: HFLM's (made-up) answers choose the first
+    service[first_copa + 1][0] += 100.0  # the service's choose the second
+    results = {"date": "d", "device": "cpu", "versions": {}, "mix": mix, "service": {"4": {"seconds": 1.0}},
+               "hflm": {"seconds": 3.0}, "answers": {"service-4": service, "hflm": hflm}}
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    s = bench.report(tmp_path / "req.json.xz", [tmp_path / "res.json"])
+    assert s["service"]["4"]["speedup_vs_hflm"] == 3.0
+    a = s["agreement"]["service-4"]
+    gap = len(copa[1][1]) - len(copa[0][1])
+    assert (a["documents"], a["same_prediction"]) == (10, 9)
+    assert a["disagreements"] == [{"task": "kobest_copa", "doc_id": 0, "hflm_margin": pytest.approx(gap),
+                                   "service_margin": pytest.approx(100 - gap)}]
+    assert s["metrics"]["service-4"]["kobest_copa"]["acc,none"] != s["metrics"]["hflm"]["kobest_copa"]["acc,none"]
+    wic = s["metrics"]["hflm"]["kobest_wic"]["acc,none"]
+    labels = [r["label"] for r in read_rows("kobest_wic", "test")[:2]]
+    assert wic == sum(int(lbl == 1) for lbl in labels) / 2  # " 예" is shorter than " 아니오": always choice 1

@@ -51,6 +51,12 @@ class BenchConfig:
     traffic_streams: int = 64
     """Streams of the real-traffic rows (sampled and greedy, prompts 100-1,000 tokens, 256 new); 0: skip them."""
     traffic_tokens: int = 256
+    open_loop_rates: tuple[float, ...] = (4, 8, 16, 24, 32)
+    """Open-loop Poisson arrival rates (requests/s) of sampled requests, prompts 200-800 tokens, 64-256 new."""
+    open_loop_s: float = 20.0
+    """Seconds of arrivals at each rate."""
+    beside_streams: int = 32
+    """Sampled streams run beside the Score flood of the independent pairs (0: skip that row)."""
     gen_timeout_s: float = 120.0
     """Deadline of each Generate stream; a level that cannot finish in time reports errors, not a hang."""
     hflm_batch: int = 64
@@ -61,7 +67,7 @@ class BenchConfig:
     def quick_config(cls, model: str) -> "BenchConfig":
         return cls(quick=True, model=model, pairs=48, mc_questions=6, mc_context=200, score_concurrency=16,
                    gen_tokens=8, gen_concurrency=(1, 4), gen_prompt=8, gen_timeout_s=60, hflm_batch=16,
-                   traffic_streams=4)
+                   traffic_streams=4, open_loop_rates=(2,), open_loop_s=3.0, beside_streams=4)
 
 
 # --- the model under test ---------------------------------------------------------------------------
@@ -315,47 +321,114 @@ def traffic_requests(pb, tokenizer, w: Workloads, n: int, sampled: bool, cfg: Be
     return out
 
 
-async def drive_streams(stub, requests: list, cfg: BenchConfig) -> dict:
-    """Every request as a GenerateStream, all started at once: throughput, TTFT, inter-token gaps, and the outputs
-    of a sample of the streams for the output check."""
-    import grpc
+def open_loop_requests(pb, tokenizer, n: int, cfg: BenchConfig, seed: int) -> list:
+    """n sampled requests as an open-loop client population sends them: prompts of 200-800 tokens and 64-256 new
+    tokens drawn per request (scaled down in --quick), temperature 0.8 / top_p 0.95, a seed each."""
+    from .engine.text import encode
 
-    ttft, itl, lat, errors, tokens, starts, outputs = [], [], [], {}, 0, [], []
+    rng = random.Random(seed)
+    corpus = encode(tokenizer, random_korean(rng, 60_000))
+    (lo, hi), (nlo, nhi) = ((10, 40), (4, 16)) if cfg.quick else ((200, 800), (64, 256))
+    out = []
+    for i in range(n):
+        k, new = rng.randint(lo, hi), rng.randint(nlo, nhi)
+        start = rng.randrange(0, len(corpus) - k)
+        p = pb.GenerationParameters(max_new_tokens=new, min_new_tokens=new, ignore_eos=True, temperature=0.8,
+                                    top_p=0.95, seed=seed * 100_000 + i)
+        out.append(pb.GenerateRequest(token_ids=corpus[start : start + k], parameters=p))
+    return out
 
-    async def one(req):
-        nonlocal tokens
+
+class _Streams:
+    """What a set of GenerateStream calls saw: TTFT, inter-token gaps, latencies, tokens, status codes, outputs."""
+
+    def __init__(self):
+        self.ttft, self.itl, self.lat, self.errors, self.tokens, self.outputs = [], [], [], {}, 0, []
+
+    async def one(self, stub, req, timeout_s: float) -> None:
+        import grpc
+
         t = time.perf_counter()
-        starts.append(t - t0)
         last, n, ids = None, 0, []
+        # The deadline as the replica sees it (Ray's proxy does not pass grpc-timeout on): admission by deadline.
+        md = [("polyglot-timeout-ms", str(int(timeout_s * 1000)))]
         try:
-            async for m in stub.GenerateStream(req, timeout=cfg.gen_timeout_s):
+            async for m in stub.GenerateStream(req, timeout=timeout_s, metadata=md):
                 now = time.perf_counter()
                 new = m.generated_tokens - n
                 if last is None:
-                    ttft.append(now - t)
+                    self.ttft.append(now - t)
                 elif new > 0:
-                    itl.extend([(now - last) / new] * new)
+                    self.itl.extend([(now - last) / new] * new)
                 last, n = now, m.generated_tokens
                 ids += m.token_ids
-            lat.append(time.perf_counter() - t)
-            tokens += n
-            outputs.append((req, ids))
+            self.lat.append(time.perf_counter() - t)
+            self.outputs.append((req, ids))
         except grpc.aio.AioRpcError as e:
-            errors[e.code().name] = errors.get(e.code().name, 0) + 1
-            tokens += n
+            self.errors[e.code().name] = self.errors.get(e.code().name, 0) + 1
+        self.tokens += n
+
+    def report(self, n: int, seconds: float) -> dict:
+        return {"streams": n, "completed": len(self.lat), "errors": self.errors, "seconds": seconds,
+                "tokens": self.tokens, "tokens_per_s": self.tokens / seconds,
+                "tokens_per_s_per_stream": self.tokens / seconds / n, "ttft_s": _lat(self.ttft),
+                "itl_s": _lat(self.itl), "latency_s": _lat(self.lat)}
+
+
+async def drive_streams(stub, requests: list, cfg: BenchConfig) -> dict:
+    """Every request as a GenerateStream, all started at once: throughput, TTFT, inter-token gaps, and the outputs
+    of a sample of the streams for the output check."""
+    rec, starts = _Streams(), []
+
+    async def one(req):
+        starts.append(time.perf_counter() - t0)
+        await rec.one(stub, req, cfg.gen_timeout_s)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(r) for r in requests))
     dt = time.perf_counter() - t0
-    greedy = [(r, ids) for r, ids in outputs if r.parameters.temperature == 0]
+    greedy = [(r, ids) for r, ids in rec.outputs if r.parameters.temperature == 0]
     return {
-        "streams": len(requests), "completed": len(lat), "errors": errors, "seconds": dt, "tokens": tokens,
-        "tokens_per_s": tokens / dt, "tokens_per_s_per_stream": tokens / dt / len(requests), "ttft_s": _lat(ttft),
-        "itl_s": _lat(itl), "latency_s": _lat(lat), "last_start_s": max(starts),
+        **rec.report(len(requests), dt), "last_start_s": max(starts),
         # Greedy streams' outputs (with their prompt ids; None: the text prompt) for check_outputs.
         "samples": [(list(r.token_ids) or None, ids) for r, ids in greedy[:: max(1, len(greedy) // 4)][:4]],
-        "short_streams": sum(len(ids) != r.parameters.max_new_tokens for r, ids in outputs),
+        "short_streams": sum(len(ids) != r.parameters.max_new_tokens for r, ids in rec.outputs),
     }
+
+
+TTFT_GOAL_S, ITL_GOAL_S = 1.0, 0.1
+"""Goodput's latency objective (issue 14): TTFT p99 <= 1 s and inter-token p99 <= 100 ms."""
+
+
+async def drive_open_loop(stub, requests: list, rate: float, cfg: BenchConfig, seed: int) -> dict:
+    """The requests at Poisson arrival times of `rate` per second, each a stream with a deadline: what a client
+    population sees at that offered load. A rate meets the objective when every request completed (none refused)
+    with TTFT p99 and inter-token p99 within TTFT_GOAL_S / ITL_GOAL_S."""
+    rng = random.Random(seed)
+    rec, tasks = _Streams(), []
+    t0 = time.perf_counter()
+    at = 0.0
+    for req in requests:
+        at += rng.expovariate(rate)
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(rec.one(stub, req, cfg.gen_timeout_s)))
+    arrivals_s = time.perf_counter() - t0
+    await asyncio.gather(*tasks)
+    dt = time.perf_counter() - t0
+    r = rec.report(len(requests), dt)
+    r.update(offered_rate=rate, arrivals_s=arrivals_s, completed_per_s=len(rec.lat) / dt,
+             tokens_per_s=rec.tokens / dt, requested_tokens=sum(q.parameters.max_new_tokens for q in requests))
+    r["meets_goal"] = (not rec.errors and r["ttft_s"]["p99"] is not None and r["ttft_s"]["p99"] <= TTFT_GOAL_S
+                       and (r["itl_s"]["p99"] or 0.0) <= ITL_GOAL_S)
+    return r
+
+
+def goodput(open_loop: dict) -> float | None:
+    """The highest offered rate whose run met the objective (None: none did)."""
+    ok = [r["offered_rate"] for r in open_loop.values() if r["meets_goal"]]
+    return max(ok) if ok else None
 
 
 class GpuMemorySampler:
@@ -427,6 +500,24 @@ def run_service(model: str, w: Workloads, cfg: BenchConfig, tokenizer) -> dict:
                 for kind in ("sampled", "greedy"):
                     reqs = traffic_requests(lm_pb2, tokenizer, w, cfg.traffic_streams, kind == "sampled", cfg)
                     res["traffic"][f"{kind} {cfg.traffic_streams}"] = await drive_streams(stub, reqs, cfg)
+            if cfg.score and cfg.beside_streams:
+                # Score beside Generate: the independent-pairs flood again, with sampled streams started with it.
+                reqs = traffic_requests(lm_pb2, tokenizer, w, cfg.beside_streams, True, cfg, seed=6)
+                flood, streams = await asyncio.gather(
+                    drive_score(stub, lm_pb2, [[p] for p in w.pairs], w.pair_tokens, cfg.score_concurrency),
+                    drive_streams(stub, reqs, cfg))
+                res["beside"] = {"score": flood, "streams": streams,
+                                 "score_vs_solo": flood["tokens_per_s"] / res["score_pairs"]["tokens_per_s"]}
+            if cfg.open_loop_rates:
+                res["open_loop"] = {}
+                for k, rate in enumerate(cfg.open_loop_rates):
+                    n = max(1, round(rate * cfg.open_loop_s))
+                    reqs = open_loop_requests(lm_pb2, tokenizer, n, cfg, seed=10 + k)
+                    r = await drive_open_loop(stub, reqs, rate, cfg, seed=20 + k)
+                    res["open_loop"][str(rate)] = r
+                    print(f"open loop {rate}/s: TTFT p99 {r['ttft_s']['p99']}, ITL p99 {r['itl_s']['p99']}, "
+                          f"{r['completed']}/{n} completed, errors {r['errors']}", flush=True)
+                res["goodput_per_s"] = goodput(res["open_loop"])
             return res
 
     try:
@@ -534,6 +625,34 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def traffic_table(s: dict) -> str:
+    """Score beside Generate and the open-loop curve, with goodput (empty when neither ran)."""
+    ms = lambda x: f"{x * 1000:,.0f}" if x is not None else "–"  # noqa: E731
+    lines = []
+    if "beside" in s:
+        f, g = s["beside"]["score"], s["beside"]["streams"]
+        lines += ["| Score flood + sampled streams at once | Score tokens/s (vs solo) | streams tokens/s | "
+                  "stream TTFT p99 (ms) | inter-token p50 / p99 (ms) | completed | errors |",
+                  "|---|---:|---:|---:|---:|---:|---|",
+                  f"| {f['requests']} pairs + {g['streams']} streams | {f['tokens_per_s']:,.0f} "
+                  f"({s['beside']['score_vs_solo']:.0%}) | {g['tokens_per_s']:,.0f} | {ms(g['ttft_s']['p99'])} | "
+                  f"{ms(g['itl_s']['p50'])} / {ms(g['itl_s']['p99'])} | {f['completed']} + {g['completed']} | "
+                  f"{({**f['errors'], **g['errors']}) or 0} |", ""]
+    if "open_loop" in s:
+        lines += ["| offered (requests/s) | completed/s | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) "
+                  "| completed | refused or failed | meets TTFT p99 ≤ 1 s, ITL p99 ≤ 100 ms |",
+                  "|---:|---:|---:|---:|---:|---:|---|---|"]
+        for rate, r in s["open_loop"].items():
+            lines.append(f"| {float(rate):g} | {r['completed_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                         f"{ms(r['ttft_s']['p50'])} / {ms(r['ttft_s']['p99'])} | {ms(r['itl_s']['p50'])} / "
+                         f"{ms(r['itl_s']['p99'])} | {r['completed']}/{r['streams']} | {r['errors'] or 0} | "
+                         f"{'yes' if r['meets_goal'] else 'no'} |")
+        g = s.get("goodput_per_s")
+        lines += ["", f"Goodput (sampled, prompts 200–800, 64–256 new): {g:g} requests/s" if g is not None else
+                  "Goodput: no rate met the objective"]
+    return "\n".join(lines)
+
+
 def _gpu_model(model: str | None) -> str:
     """The model to benchmark: the one asked for, else the 5.8B-shape random checkpoint, built if missing."""
     if model:
@@ -555,6 +674,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--traffic-streams", type=int, help="streams of the real-traffic rows (0: none)")
     ap.add_argument("--gen-concurrency", help="comma-separated stream counts (default 1,8,32,64,128)")
     ap.add_argument("--gen-timeout", type=float, help="deadline of each Generate stream, seconds")
+    ap.add_argument("--open-loop-rates", help="comma-separated Poisson arrival rates, requests/s ('' : none)")
+    ap.add_argument("--open-loop-s", type=float, help="seconds of arrivals at each open-loop rate")
+    ap.add_argument("--beside-streams", type=int, help="sampled streams beside the Score flood (0: none)")
     ap.add_argument("--pairs", type=int, help="independent Score pairs")
     ap.add_argument("--mc-questions", type=int, help="multiple-choice questions")
     ap.add_argument("--engine", action="append", default=[], metavar="SECTION.KEY=JSON",
@@ -588,6 +710,12 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.gen_timeout_s = args.gen_timeout
     if args.skip_score:
         cfg.score = False
+    if args.open_loop_rates is not None:
+        cfg.open_loop_rates = tuple(float(x) for x in args.open_loop_rates.split(",") if x)
+    if args.open_loop_s:
+        cfg.open_loop_s = args.open_loop_s
+    if args.beside_streams is not None:
+        cfg.beside_streams = args.beside_streams
     if args.traffic_streams is not None:
         cfg.traffic_streams = args.traffic_streams
     if args.pairs:
@@ -641,8 +769,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"output check: {result['check']['checked_streams']} streams hold transformers' tokens "
           f"(largest gap {result['check']['max_gap']:.3f} <= {result['check']['tie']})", flush=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    if "baselines" in result:
-        md = table(result)
+    md = "\n\n".join(x for x in (table(result) if "baselines" in result else "", traffic_table(result["service"])) if x)
+    if md:
         (out / f"{stem}.md").write_text(md + "\n")
         print(md)
     return result

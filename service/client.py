@@ -83,8 +83,11 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in range(self.retry.attempts):
             left = None if deadline is None else deadline - time.monotonic()
+            md = self.metadata
+            if left is not None:  # Ray's proxy does not pass the gRPC deadline on: say it (validation.TIMEOUT_HEADER)
+                md = (md or []) + [("polyglot-timeout-ms", str(max(1, int(left * 1000))))]
             try:
-                return method(request, timeout=left, metadata=self.metadata)
+                return method(request, timeout=left, metadata=md)
             except grpc.RpcError as err:
                 wait = self.retry.wait_s(attempt, err)
                 last = attempt == self.retry.attempts - 1

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import concurrent.futures
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -54,3 +55,48 @@ def test_burst_beyond_the_queues_is_refused_with_a_retry_hint(tiny_dir):
             assert time.monotonic() - t0 >= 0.3  # somebody waited out the pushback
 
 
+
+
+def test_a_deadline_that_the_queue_cannot_meet_is_refused_before_it_passes(tiny_dir):
+    """Both slots held by long streams: a Generate whose client deadline is 2 s gets RESOURCE_EXHAUSTED (the
+    queue limit is 90 % of the deadline the Python client sends as polyglot-timeout-ms) before its deadline, not
+    DEADLINE_EXCEEDED; the next one, with a 1 s deadline, is refused at once, since the queue has not moved; a malformed header is
+    INVALID_ARGUMENT. The refusals are counted by reason in /metrics."""
+    engine = {"generation": {"max_slots": 2}, "limits": {"max_new_tokens": 2030}}
+    with serving(tiny_dir, engine=engine) as s, Client(s["address"]) as c:
+        long = dict(max_new_tokens=2030, min_new_tokens=2030, ignore_eos=True)
+        ch = grpc.insecure_channel(s["address"])
+        held = [lm_pb2_grpc.LanguageModelStub(ch).GenerateStream(Client.request("서울의 봄은", **long), timeout=120)
+                for _ in range(2)]
+        for h in held:
+            next(h)  # both running
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as waited:
+            c.generate("서울의 봄은", max_new_tokens=4, timeout=2.0)
+        t1 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as at_once:  # the queue has not moved in 1.8 s: 0.9 s is not enough
+            c.generate("서울의 봄은", max_new_tokens=4, timeout=1.0)
+        t2 = time.monotonic()
+        with grpc.insecure_channel(s["address"]) as ch:
+            with pytest.raises(grpc.RpcError) as bad:
+                lm_pb2_grpc.LanguageModelStub(ch).Generate(Client.request("안녕", max_new_tokens=2), timeout=30,
+                                                           metadata=[("polyglot-timeout-ms", "soon")])
+        still = [h.running() for h in held]
+        for h in held:
+            h.cancel()
+        ch.close()
+        assert still == [True, True]  # the slots were held throughout
+        assert waited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, waited.value
+        assert "waited" in waited.value.details() and 1.5 < t1 - t0 < 2.0
+        assert at_once.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, at_once.value
+        assert "expected wait" in at_once.value.details() and t2 - t1 < 0.5
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "polyglot-timeout-ms" in bad.value.details()
+        deadline = time.monotonic() + 60
+        while True:  # Ray exports replica metrics every few seconds
+            lines = urllib.request.urlopen(s["metrics"], timeout=10).read().decode().splitlines()
+            missing = [r for r in ("waited_too_long", "expected_wait")
+                       if not any(x.startswith("ray_polyglot_refused_total") and f'reason="{r}"' in x for x in lines)]
+            if not missing:
+                break
+            assert time.monotonic() < deadline, f"refusal reasons not counted: {missing}"
+            time.sleep(2)

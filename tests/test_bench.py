@@ -62,5 +62,13 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
     assert r["check"]["checked_streams"] >= 4 and not r["check"]["problems"]  # the run checked its own outputs
     for name, g in s["traffic"].items():  # sampled and greedy streams of mixed prompt lengths
         assert g["completed"] == g["streams"] == 4 and not g["errors"] and g["short_streams"] == 0, name
+    beside = s["beside"]  # Score flood and sampled streams at once
+    assert beside["score"]["completed"] == 48 and beside["streams"]["completed"] == 4
+    assert beside["streams"]["tokens"] == 4 * 16 and beside["score_vs_solo"] > 0
+    (ol,) = s["open_loop"].values()  # 2 requests/s for 3 s, Poisson arrivals
+    assert ol["streams"] == 6 and ol["completed"] + sum(ol["errors"].values()) == 6 and ol["arrivals_s"] > 0.5
+    assert not ol["errors"] and ol["tokens"] == ol["requested_tokens"] > 6 * 4  # every stream ran to its length
+    assert isinstance(ol["meets_goal"], bool)
     md = (tmp_path / "bench-quick.md").read_text()
     assert "| Score, independent pairs (tokens/s) |" in md and "ratio" in md
+    assert "| Score flood + sampled streams at once |" in md and "| offered (requests/s) |" in md and "Goodput" in md

@@ -256,3 +256,18 @@ def test_multiple_choice_nf4_matches_pairwise_nf4(engine_nf4):
     assert engine_nf4._choice_batcher is not None
     for a, b in zip(shared, single):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-3) and a.is_greedy == b.is_greedy
+
+
+def test_packed_prefill_of_mixed_chunks_equals_transformers(engine_fp32, hf_fp32):
+    """Prefill packs prompt chunks of different sequences into one forward pass without padding: a whole prompt
+    beside the first chunk of another, then that one's continuation (attending to its cached chunk) beside a
+    third prompt. Each chunk's last-token logits are transformers' own for that sequence's prompt so far."""
+    runner, tok = engine_fp32.runner, engine_fp32.lm.tokenizer
+    a, b, c = (encode(tok, t) for t in ("서울의 봄은 벚꽃과 함께 온다.", "우리 가족은 주말마다 공원에서 산책을 한다.", "오늘은"))
+    assert len(b) > 6
+    first = runner.prefill([(0, a, 0), (300, b[:4], 0)])  # [2, V]
+    second = runner.prefill([(300, b[4:], 4), (600, c, 0)])  # [2, V]
+    with torch.no_grad():
+        for got, ids in ((first[0], a), (first[1], b[:4]), (second[0], b), (second[1], c)):
+            ref = hf_fp32(torch.tensor([ids])).logits[0, -1]
+            assert (got - ref).abs().max().item() < 1e-4, len(ids)

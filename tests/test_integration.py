@@ -125,6 +125,8 @@ LONG = "오늘은 날씨가 맑고 바람이 시원하다. " * 400
         (lambda c: c.score([("a", "b")] * 257), "limit per call"),
         (lambda c: c.score([("가" * 150_000, " 끝")] * 10), "the request is 4500"),  # 4.5 MB > 4 MiB
         (lambda c: c.score([("a", "b")], token_details=True, top_logprobs=50), "top_logprobs"),
+        (lambda c: c.score([("맥락", " 다음 차례" * 300)] * 12, token_details=True, top_logprobs=20),
+         "the limit per call is 65536"),
         (lambda c: c.detokenize([10**6]), "vocabulary"),
     ],
 )
@@ -166,6 +168,7 @@ MOVING = [  # (metric, labels): each must grow while traffic flows
     ("ray_polyglot_generated_tokens_total", {}),
     ("ray_polyglot_prompt_tokens_total", {}),
     ("ray_polyglot_time_to_first_token_seconds_count", {}),
+    ("ray_polyglot_generation_queue_seconds_count", {}),
     ("ray_polyglot_inter_token_latency_seconds_count", {}),
     ("ray_serve_num_grpc_requests_total", {}),
 ]

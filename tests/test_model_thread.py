@@ -50,16 +50,16 @@ def test_a_failed_prefill_fails_only_its_sequence(engine_fp32, monkeypatch):
     solo tokens, and the next request is served."""
     runner = engine_fp32.runner
     bad = encode(engine_fp32.lm.tokenizer, "뷁뷁뷁")
-    orig = runner.prefill_new
+    orig = runner.prefill
 
-    def prefill_new(bases, prompts):
-        if bad in prompts:
+    def prefill(chunks):
+        if any(ids == bad for _, ids, _ in chunks):
             raise RuntimeError("injected prefill failure")
-        return orig(bases, prompts)
+        return orig(chunks)
 
     params = GenerationParams(max_new_tokens=20, min_new_tokens=20)
     solo = _tokens(run(_collect(engine_fp32, "서울의 봄은", params)))
-    monkeypatch.setattr(runner, "prefill_new", prefill_new)
+    monkeypatch.setattr(runner, "prefill", prefill)
 
     async def main():
         good = asyncio.ensure_future(_collect(engine_fp32, "서울의 봄은", params))

@@ -14,19 +14,24 @@ _FINISH = {
 
 
 def token_details(ids, logprobs, top_ids, top_logprobs, texts) -> lm_pb2.TokenDetails:
-    d = lm_pb2.TokenDetails(ids=ids, logprobs=logprobs, texts=[texts(i) for i in ids])
+    """`texts(ids) -> strings`: every token text of the message is decoded in one call (one Rust call, not one per
+    entry: a Score with 20 alternatives has 21 entries per position)."""
+    flat = [i for row in top_ids for i in row]
+    names = texts(list(ids) + flat)
+    d = lm_pb2.TokenDetails(ids=ids, logprobs=logprobs, texts=names[: len(ids)])
+    it = iter(names[len(ids):])
     for row_i, row_v in zip(top_ids, top_logprobs):
-        d.top.extend(lm_pb2.TopToken(id=i, text=texts(i), logprob=v) for i, v in zip(row_i, row_v))
+        d.top.extend(lm_pb2.TopToken(id=i, text=next(it), logprob=v) for i, v in zip(row_i, row_v))
     return d
 
 
 class GenerateAccumulator:
     """Merges per-token chunks into stream messages or one unary response."""
 
-    def __init__(self, prompt_tokens: int, want_details: bool, token_text):
+    def __init__(self, prompt_tokens: int, want_details: bool, token_texts):
         self.prompt_tokens = prompt_tokens
         self.want_details = want_details
-        self.token_text = token_text
+        self.token_texts = token_texts
         self.text: list[str] = []
         self.ids: list[int] = []
         self.logprobs: list[float] = []
@@ -56,7 +61,7 @@ class GenerateAccumulator:
             token_ids=self.ids,
         )
         if self.want_details:
-            r.details.CopyFrom(token_details(self.ids, self.logprobs, self.top_ids, self.top_lps, self.token_text))
+            r.details.CopyFrom(token_details(self.ids, self.logprobs, self.top_ids, self.top_lps, self.token_texts))
         return r
 
     def take(self) -> lm_pb2.GenerateResponse:
@@ -72,7 +77,7 @@ def choice_length(continuation: str, delimiter: str = " ") -> int:
     return len(continuation) - (len(delimiter) if delimiter and continuation.startswith(delimiter) else 0)
 
 
-def score_response(pairs: list[tuple[str, str]], results: list[PairResult], token_text,
+def score_response(pairs: list[tuple[str, str]], results: list[PairResult], token_texts,
                    delimiter: str = " ") -> lm_pb2.ScoreResponse:
     out = lm_pb2.ScoreResponse()
     for (ctx, cont), r in zip(pairs, results):
@@ -89,7 +94,7 @@ def score_response(pairs: list[tuple[str, str]], results: list[PairResult], toke
         )
         if r.details is not None:
             d = r.details
-            s.details.CopyFrom(token_details(d.ids, d.logprobs, d.top_ids, d.top_logprobs, token_text))
+            s.details.CopyFrom(token_details(d.ids, d.logprobs, d.top_ids, d.top_logprobs, token_texts))
     if len(pairs) > 1 and len({ctx for ctx, _ in pairs}) == 1:
         # lm-eval's multiple-choice metrics: acc takes the raw argmax (first on ties, as numpy's); acc_norm divides
         # by the length in characters of the choice text, without the delimiter in front of it.

@@ -114,3 +114,23 @@ def rolling_request(req, limits: LimitsConfig) -> str:
         raise InvalidRequest("the text is empty")
     _check_text("the text", req.text, limits)
     return req.text
+
+
+TIMEOUT_HEADER = "polyglot-timeout-ms"
+"""Request metadata: the caller's deadline in milliseconds from sending. Ray's gRPC proxy does not pass the gRPC
+deadline (grpc-timeout) on to replicas, so a client that wants its Generate refused early rather than after its
+deadline passes in the queue says it here (the Python client does for every call with a timeout)."""
+
+
+def timeout_s(metadata) -> float | None:
+    """The caller's deadline from TIMEOUT_HEADER in seconds, None when absent."""
+    for key, value in metadata or ():
+        if key == TIMEOUT_HEADER:
+            try:
+                ms = int(value)
+            except ValueError:
+                raise InvalidRequest(f"{TIMEOUT_HEADER} must be a whole number of milliseconds, got {value!r}") from None
+            if ms <= 0:
+                raise InvalidRequest(f"{TIMEOUT_HEADER} must be positive, got {ms}")
+            return ms / 1000
+    return None

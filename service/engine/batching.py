@@ -77,10 +77,15 @@ class ScoreBatcher:
 
     async def submit(self, items: list[ScoreItem]) -> list[PairResult]:
         if self._task is None or self._task.done():
-            # (Re)start on the caller's loop: a loop that ended took the previous task with it.
+            # (Re)start on the caller's loop. Callers still queued on this loop are served by the new task; those
+            # of an event loop that ended went with it.
+            loop = asyncio.get_running_loop()
+            self._pending = [p for p in self._pending if p.future.get_loop() is loop and not p.future.done()]
             self._wake = asyncio.Event()
-            self._pending = []
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="score-batcher")
+            self._task = loop.create_task(self._loop(), name="score-batcher")
+            self._task.add_done_callback(self._stopped)
+            if self._pending:
+                self._wake.set()
         if len(self._pending) + len(items) > self._cfg.max_queue_pairs:
             raise QueueFull(f"score queue is full ({len(self._pending)} pairs waiting); retry later")
         loop = asyncio.get_running_loop()
@@ -116,6 +121,16 @@ class ScoreBatcher:
         else:
             stop()
 
+    def _stopped(self, task: asyncio.Task) -> None:
+        """The loop task ended (cancelled by close(), or a bug): nobody queued is left waiting forever."""
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("score batcher stopped", exc_info=exc)
+            for p in self._pending:
+                if not p.future.done():
+                    p.future.set_exception(RuntimeError(f"the score batcher stopped: {exc!r}"))
+            self._pending = []
+
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -125,10 +140,17 @@ class ScoreBatcher:
                 await asyncio.sleep(self._cfg.max_wait_ms / 1000)
             todo = [p for p in self._pending if not p.future.done()]
             self._pending = []
-            for batch in plan_batches(todo, lambda p: p.item.length, self._max_tokens, self._cfg.max_batch_pairs):
-                batch = [p for p in batch if not p.future.done()]  # cancelled while earlier batches ran
-                if batch:
-                    await self._run_batch(batch)
+            try:
+                batches = plan_batches(todo, lambda p: p.item.length, self._max_tokens, self._cfg.max_batch_pairs)
+                for batch in batches:
+                    batch = [p for p in batch if not p.future.done()]  # cancelled while earlier batches ran
+                    if batch:
+                        await self._run_batch(batch)
+            except Exception as e:  # noqa: BLE001 - a failed round fails its callers; the loop serves the next
+                log.exception("score batch round failed")
+                for p in todo:
+                    if not p.future.done():
+                        p.future.set_exception(e)
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         start = time.monotonic()

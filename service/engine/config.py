@@ -47,6 +47,10 @@ class LimitsConfig:
     """Most stop sequences in one Generate."""
     max_top_logprobs: int = 20
     """Most alternatives per position in token details."""
+    max_score_details: int = 65536
+    """Most token-detail entries one Score call may return: continuation tokens x (1 + top_logprobs), summed over
+    its pairs (each entry is a Python object built on the model thread and a string decoded for the client; 256
+    long pairs with 20 alternatives were 2.7M entries, 34 MB and 38 s on 2 cores). Beyond it: INVALID_ARGUMENT."""
     max_text_chars: int = 200_000
     """Most characters in any one text field (a cheap guard before tokenizing)."""
     max_request_bytes: int = 4 << 20
@@ -92,6 +96,11 @@ class GenerationConfig:
     streams 27 -> 41 ms, the price of longer stalls)."""
     max_waiting: int = 1024
     """Requests waiting for a slot beyond this make Generate fail with "queue full" (RESOURCE_EXHAUSTED)."""
+    max_queue_ms: int = 30_000
+    """Longest a Generate waits for a batch row: one whose expected wait (queue position / how fast the queue
+    drained over the last ~10 s) is longer, or that has waited this long, is refused with RESOURCE_EXHAUSTED and
+    the retry hint, not left waiting minutes. A request's own deadline (metadata `polyglot-timeout-ms`, which the
+    Python client sends with every timeout) lowers it; 0: no limit besides max_waiting."""
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs (GPU only)."""
     fused_decode: bool = True

@@ -16,7 +16,7 @@ import torch
 from . import loader
 from .batching import ScoreBatcher
 from .config import EngineConfig
-from .errors import InvalidRequest, NotReady
+from .errors import InvalidRequest, NotReady, QueueFull
 from .generation import Chunk, GenerationParams, Sequence, merge
 from .neox import NeoxForward, NeoxRunner, dequantized_bytes, dequantized_weights
 from .scheduler import Scheduler
@@ -25,6 +25,8 @@ from .stats import GenerationStats, StatsSink, discard
 from .text import BatchEncoder, encode, encode_pairs, rolling_windows
 
 log = logging.getLogger(__name__)
+HEAVY_WORK = 16_384
+"""Tokenizer-thread work (characters or output entries) above which it runs on the heavy lane."""
 
 
 @dataclasses.dataclass
@@ -69,11 +71,15 @@ class Engine:
         # One thread owns the model: forward passes never block the event loop and never overlap.
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+        self._heavy_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer-heavy")
         max_tokens = cfg.batch.max_batch_tokens or (32768 if self.lm.device.type == "cuda" else 4096)
         self._batcher: ScoreBatcher | None = None
         self._choice_batcher: ScoreBatcher | None = None
         self._max_batch_tokens = max_tokens
         self._closed = False
+        # Work admitted and not yet queued (being tokenized): counted against the queue limits (event loop only).
+        self._tokenizing_pairs = 0
+        self._tokenizing_prompts = 0
         g = cfg.generation
         if self.lm.device.type == "cuda":
             self.scorer.warm_up(min(max_tokens, self.window * cfg.batch.max_batch_pairs), min(1024, self.window))
@@ -143,17 +149,37 @@ class Engine:
     async def _on_model_thread(self, fn, *args):
         return await asyncio.wrap_future(self._submit(fn, *args))
 
-    async def on_tokenizer_thread(self, fn, *args):
-        """Off the event loop (a few-shot context or a text to score is thousands of characters), on one
-        thread: the Rust backend already spreads a batch over the cores, and more such batches at once
-        starve the model thread of the CPU it needs to launch kernels."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+    async def on_tokenizer_thread(self, fn, *args, size: int = 0):
+        """Off the event loop (a few-shot context or a text to score is thousands of characters), on one of two
+        threads by the work's `size` (characters, or output entries): work up to HEAVY_WORK on one, larger work
+        on the other, so that a 190,000-character Tokenize or a Score's token details (each ~0.5 s on 2 cores)
+        never queue small calls behind them. Not more: the Rust backend already spreads a batch over the cores,
+        and more such batches at once starve the model thread of the CPU it needs to launch kernels."""
+        pool = self._heavy_thread if size > HEAVY_WORK else self._tokenizer_thread
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     # --- Score -------------------------------------------------------------------------------------
 
     async def score(self, pairs: list[tuple[str, str]], opts: ScoreOptions) -> list[PairResult]:
-        """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` rules)."""
-        encoded = await self.on_tokenizer_thread(encode_pairs, self._encoder, pairs, self.lm.prefix_token_id)
+        """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` rules). A call that
+        the Score queue has no room for is refused before it is tokenized: under a flood, tokenizing what will be
+        refused anyway would hold the tokenizer thread from the calls that will run."""
+        queued = self.queued_score_pairs + self._tokenizing_pairs
+        if queued + len(pairs) > self.cfg.batch.max_queue_pairs:
+            raise QueueFull(f"score queue is full ({queued} pairs waiting); retry later")
+        self._tokenizing_pairs += len(pairs)
+        try:
+            encoded = await self.on_tokenizer_thread(encode_pairs, self._encoder, pairs, self.lm.prefix_token_id,
+                                                     size=sum(len(c) + len(x) for c, x in pairs))
+        finally:
+            self._tokenizing_pairs -= len(pairs)
+        if opts.details:
+            entries = sum(len(p.continuation_ids) for p in encoded) * (1 + opts.top_n)
+            if entries > self.cfg.limits.max_score_details:
+                raise InvalidRequest(
+                    f"token details for {entries // (1 + opts.top_n)} continuation tokens x (1 + top_logprobs "
+                    f"{opts.top_n}) = {entries} entries; the limit per call is {self.cfg.limits.max_score_details}: "
+                    "split the pairs over several calls or ask fewer alternatives")
         group = None if opts.details else group_choices(encoded, self.window)
         if group is not None:
             # One context, several continuations: its forward pass is shared, not repeated per choice.
@@ -176,7 +202,7 @@ class Engine:
     async def score_rolling(self, text: str) -> tuple[float, int, int]:
         """(log-likelihood, tokens, windows) of a whole text, lm-eval `loglikelihood_rolling` rules; the
         windows go through the same batcher as Score pairs."""
-        (tokens,) = await self.on_tokenizer_thread(self._encoder, [text])
+        (tokens,) = await self.on_tokenizer_thread(self._encoder, [text], size=len(text))
         if not tokens:
             raise InvalidRequest("text encodes to zero tokens")
         windows = rolling_windows(tokens, self.lm.prefix_token_id, self.window)
@@ -213,6 +239,16 @@ class Engine:
             return list(token_ids)
         return encode(self.lm.tokenizer, text)
 
+    async def prompt(self, text: str, token_ids: list[int]) -> list[int]:
+        """A Generate prompt's ids, tokenized off the event loop, once the generation queue has room for it
+        (counting the prompts being tokenized): a flood is refused before it costs tokenizer time."""
+        self.scheduler.check_room(self._tokenizing_prompts)
+        self._tokenizing_prompts += 1
+        try:
+            return await self.on_tokenizer_thread(self.prompt_ids, text, token_ids, size=len(text))
+        finally:
+            self._tokenizing_prompts -= 1
+
     def check_generation(self, prompt_ids: list[int], params: GenerationParams) -> None:
         if not prompt_ids:
             raise InvalidRequest("prompt encodes to zero tokens")
@@ -223,17 +259,27 @@ class Engine:
                 f"exceeds the model window of {self.window} tokens"
             )
 
-    async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[tuple[Chunk, int]]:
+    async def generate(self, prompt_ids: list[int], params: GenerationParams,
+                       timeout_s: float | None = None) -> AsyncIterator[tuple[Chunk, int]]:
         """Yield (chunk, seed) until a chunk carries finish_reason: one token per chunk while the consumer keeps
         up and few sequences run, else every token produced since it last asked, and under load a few tokens
         per chunk (each stream message through Ray's proxy costs host time on this interpreter; merging keeps
         a slow reader or many streams from slowing the engine).
         The request joins the running batch at the next engine step; a consumer that stops iterating
         (client cancelled, deadline) leaves the batch at the step after and frees its KV-cache range.
-        Inter-token gaps in the stats: a chunk of m tokens counts m gaps of (time since the last chunk) / m."""
+        Inter-token gaps in the stats: a chunk of m tokens counts m gaps of (time since the last chunk) / m.
+        It must get a batch row within GenerationConfig.max_queue_ms and `timeout_s` (the caller's deadline), or it
+        is refused with QueueFull: at once when the queue's drain rate says it would not, else when it has waited
+        that long."""
         self.check_generation(prompt_ids, params)
         seq = Sequence(prompt_ids, params, self.lm.tokenizer)
         seq.sink, seq.loop = asyncio.Queue(), asyncio.get_running_loop()
+        # 90 % of the caller's deadline: refused while it can still hear why (RESOURCE_EXHAUSTED, not a bare
+        # DEADLINE_EXCEEDED), with time left to retry elsewhere.
+        caller = None if timeout_s is None else 0.9 * timeout_s
+        limits = [x for x in (self.cfg.generation.max_queue_ms / 1000 or None, caller) if x is not None]
+        if limits:
+            seq.queue_deadline = time.monotonic() + min(limits)
         self.scheduler.add(seq)
         with self._gen_lock:
             start, self._gen_running = not self._gen_running, True
@@ -261,7 +307,8 @@ class Engine:
             if seq.finish_reason is None:
                 self.scheduler.cancel(seq)
             if last is not None:
-                self.on_stats(GenerationStats(len(prompt_ids), len(seq.generated), ttft, gaps, reason))
+                queued = (seq.admitted_at or seq.queued_at) - seq.queued_at
+                self.on_stats(GenerationStats(len(prompt_ids), len(seq.generated), ttft, gaps, reason, queued))
 
     async def _next_message(self, seq: Sequence, first: bool) -> list:
         """The chunks (one per token) for seq's next message: whatever is queued, waiting for more while the
@@ -363,3 +410,4 @@ class Engine:
                 b.close(err)
         self._model_thread.shutdown(wait=False, cancel_futures=True)
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        self._heavy_thread.shutdown(wait=False, cancel_futures=True)

@@ -95,6 +95,9 @@ class Sequence:
         self.kv_base = -1  # where its range of the KV cache starts while running
         self.kv_size = len(prompt_ids) + params.max_new_tokens  # positions it can ever fill
         self.cancelled = False
+        self.queued_at = 0.0  # time.monotonic() when it joined the waiting queue
+        self.queue_deadline: float | None = None  # time.monotonic() by which it must have a batch row
+        self.admitted_at: float | None = None  # when it got one
         self.sink = None  # where the scheduler's caller delivers this sequence's chunks (an asyncio.Queue)
         self.loop = None  # the event loop that sink belongs to
 

@@ -1,4 +1,4 @@
-"""GPT-NeoX forward over a preallocated KV cache: chunked prefill of one sequence and batched decode of many.
+"""GPT-NeoX forward over a preallocated KV cache: packed prefill of prompt chunks and batched decode of many sequences.
 
 The weights are the transformers model's own modules (so bitsandbytes' nf4 Linear4bit layers run as
 loaded); only the attention bookkeeping is ours. The cache is one pool of token positions per layer;
@@ -10,6 +10,7 @@ the replica serves; a capture's warm-up steps run on a scratch window, never on 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -265,51 +266,47 @@ class NeoxRunner(NeoxForward):
         return 2 * c.num_hidden_layers * c.hidden_size * torch.tensor([], dtype=dtype).element_size()
 
     @torch.inference_mode()
-    def prefill(self, base: int, ids: list[int], start: int) -> torch.Tensor:
-        """Run ids at positions start.. of the sequence whose cache range starts at `base`; return logits of
-        the last one [V] (float32)."""
-        T = len(ids)
-        end = start + T
-        x = self.embed(torch.tensor([ids], device=self.device)).to(self.dtype)  # [1, T, D]
-        cos, sin = self.cos[start:end], self.sin[start:end]  # [T, rot]
-        # Chunk i attends to all earlier positions plus the causal part of itself.
-        mask = None
-        if start > 0:
-            mask = torch.arange(end, device=self.device)[None, :] <= torch.arange(start, end, device=self.device)[:, None]
+    def prefill(self, chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """Prompt chunks of several sequences in one forward pass, packed end to end without padding: chunk
+        (base, ids, start) runs ids at positions start.. of the sequence whose cache range starts at `base`,
+        attending to its cached positions < start and causally to itself. The linear layers and MLPs see one
+        [1, N, D] row of all N tokens (no pad tokens computed, however different the lengths); attention runs per
+        chunk. Returns the logits of each chunk's last token [n, V] (float32)."""
+        dev = self.device
+        lens = [len(ids) for _, ids, _ in chunks]
+        ends = list(itertools.accumulate(lens))  # chunk i is tokens ends[i]-lens[i] .. ends[i]-1 of the row
+        x = self.embed(torch.tensor([[t for _, ids, _ in chunks for t in ids]], device=dev)).to(self.dtype)  # [1, N, D]
+        pos = torch.tensor([s + t for (_, ids, s) in chunks for t in range(len(ids))], device=dev)  # [N]
+        dest = torch.tensor([b + s + t for (b, ids, s) in chunks for t in range(len(ids))], device=dev)  # [N]
+        cos, sin = self.cos[pos], self.sin[pos]  # [N, rot]
+        # A chunk after cached positions attends to all of them plus the causal part of itself.
+        masks = [None if s == 0 else
+                 torch.arange(s + n, device=dev)[None, :] <= torch.arange(s, s + n, device=dev)[:, None]  # [n, s+n]
+                 for (_, _, s), n in zip(chunks, lens)]
 
         for li in range(len(self.layers)):
             def attend(q, k, v, li=li):
-                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                self.k[li][:, base + start : base + end] = k[0]
-                self.v[li][:, base + start : base + end] = v[0]
-                K, V = self.k[li][None, :, base : base + end], self.v[li][None, :, base : base + end]  # [1, H, end, hd]
-                return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=mask is None)
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # [1, H, N, hd]
+                self.k[li][:, dest] = k[0]  # the one place prefill writes the cache
+                self.v[li][:, dest] = v[0]
+                out = torch.empty_like(q)  # [1, H, N, hd]
+                for (b, _, s), n, e, mask in zip(chunks, lens, ends, masks):
+                    qi = q[:, :, e - n : e]  # [1, H, n, hd]
+                    if mask is None:  # a whole prompt: its own keys, causal (flash attention)
+                        out[:, :, e - n : e] = F.scaled_dot_product_attention(qi, k[:, :, e - n : e], v[:, :, e - n : e],
+                                                                              is_causal=True)
+                    else:
+                        K, V = self.k[li][None, :, b : b + s + n], self.v[li][None, :, b : b + s + n]  # [1, H, s+n, hd]
+                        out[:, :, e - n : e] = F.scaled_dot_product_attention(qi, K, V, attn_mask=mask)
+                return out
 
             x = self._block(li, x, attend)
-        return self._logits(x[:, -1])[0]
+        last = torch.tensor([e - 1 for e in ends], device=dev)
+        return self._logits(x[0, last])  # [n, V]
 
-    @torch.inference_mode()
     def prefill_new(self, bases: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Whole prompts of several new sequences (cache ranges starting at `bases`) in one forward pass; logits
-        of each one's last token [n, V] (float32). Right padding is exact for a causal model: real tokens never
-        attend to the pad tokens after them, and only real tokens' keys and values are stored."""
-        ids = right_pad(prompts)  # [n, T]
-        n, T = ids.shape
-        x = self.embed(ids.to(self.device)).to(self.dtype)  # [n, T, D]
-        cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
-        row = torch.tensor([i for i, p in enumerate(prompts) for _ in p], device=self.device)  # [N] real tokens
-        at = torch.tensor([t for p in prompts for t in range(len(p))], device=self.device)  # [N]
-        dest = torch.tensor([b + t for b, p in zip(bases, prompts) for t in range(len(p))], device=self.device)  # [N]
-        for li in range(len(self.layers)):
-            def attend(q, k, v, li=li):
-                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                self.k[li][:, dest] = k[row, :, at].transpose(0, 1)  # [H, N, hd]
-                self.v[li][:, dest] = v[row, :, at].transpose(0, 1)
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-            x = self._block(li, x, attend)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._logits(x[torch.arange(n, device=self.device), last])  # [n, V]
+        """Whole prompts of new sequences (cache ranges starting at `bases`): prefill() from position 0."""
+        return self.prefill([(b, p, 0) for b, p in zip(bases, prompts)])
 
     def _decode_eager(self, B: int, T: int) -> torch.Tensor:
         """One token for each of batch rows 0..B-1, attending to its cache positions < T."""

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
+import time
 
 import torch
 
@@ -26,14 +28,43 @@ def _failed(seqs: list[Sequence], e: BaseException) -> list[Output]:
     return [(s, e) for s in seqs]
 
 
+class DrainRate:
+    """How fast the waiting queue drains: sequences admitted per second of time during which some waited, both
+    decayed with a time constant of `horizon_s` so the estimate follows the traffic of the last few seconds."""
+
+    def __init__(self, horizon_s: float = 10.0):
+        self.horizon_s = horizon_s
+        self.busy_s = 0.0  # decayed seconds during which the queue was not empty
+        self.admitted = 0.0  # decayed sequences admitted in them
+        self._at: float | None = None
+        self._waiting = False
+
+    def tick(self, now: float, admitted: int, waiting_after: bool) -> None:
+        """At an admission point: `admitted` sequences left the queue since the last tick; `waiting_after` says
+        whether some still wait."""
+        if self._at is not None and (self._waiting or admitted):
+            dt = now - self._at
+            f = math.exp(-dt / self.horizon_s)
+            self.busy_s = self.busy_s * f + dt
+            self.admitted = self.admitted * f + admitted
+        self._at, self._waiting = now, waiting_after
+
+    def expected_wait(self, position: int) -> float | None:
+        """Seconds until the `position`-th waiter (1 = next) gets a row; None while nothing has been measured."""
+        if self.busy_s <= 0.0:
+            return None
+        # No admission in the window: at least the time it has been stuck, per position.
+        return position * self.busy_s / max(self.admitted, 1.0)
+
+
 class Scheduler:
     """Owns the batch rows, the KV cache's space and the running batch.
 
     Call order: add(seq) / cancel(seq) from any thread; step() repeatedly on the model thread while
     has_work(). Each step admits waiting sequences, in order of arrival, while a batch row is free and the
     cache has a free range of prompt + max_new_tokens positions for the next one; runs at most `prefill_chunk`
-    prompt tokens of prefill (so a long newcomer delays running streams by one chunk, not by its
-    whole prompt; short newcomers are prefilled several per step), then one batched decode step for
+    prompt tokens of prefill in one packed forward pass (so a long newcomer delays running streams by one chunk,
+    not by its whole prompt; short newcomers are prefilled several per step), then one batched decode step for
     every running sequence, and returns the chunks produced, in the form [(sequence, chunk)]. A forward pass
     or token choice that raises fails the sequences it was for, as (sequence, exception), and no others.
 
@@ -56,6 +87,7 @@ class Scheduler:
         self._pending: tuple[list[Sequence], TokenFetch] | None = None  # a launched step not yet read back
         self._rows: RowSampling | None = None  # the pipelined batch's sampling, when any row is not plain greedy
         self._lock = threading.Lock()
+        self.drain = DrainRate()
         # Per batch row: which token ids its sequence has seen (prompt and output), for the repetition penalty.
         self.seen = torch.zeros((runner.max_slots, runner.head.weight.shape[0]), dtype=torch.bool, device=runner.device)
 
@@ -64,17 +96,42 @@ class Scheduler:
         """Sequences that may run at once (batch rows)."""
         return self.runner.max_slots
 
-    def add(self, seq: Sequence) -> None:
+    def _check_room(self, extra: int) -> None:
+        # Slots free now will take the first waiters at the next step: they are not queued.
+        queued = len(self.waiting) + extra - max(0, self.slots - len(self.running))
+        if queued >= self.max_waiting:
+            raise QueueFull(f"generation queue is full ({queued} waiting for a slot); retry later")
+
+    def check_room(self, extra: int = 0) -> None:
+        """QueueFull unless one more sequence (beyond `extra` on their way) may wait."""
         with self._lock:
-            # Slots free now will take the first waiters at the next step: they are not queued.
-            queued = len(self.waiting) - max(0, self.slots - len(self.running))
-            if queued >= self.max_waiting:
-                raise QueueFull(f"generation queue is full ({queued} waiting for a slot); retry later")
+            self._check_room(extra)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue seq, or QueueFull: the queue is at max_waiting, or seq's expected wait for a row would pass its
+        queue_deadline (refused now rather than after waiting that long)."""
+        with self._lock:
+            self._check_room(0)
+            now = time.monotonic()
+            seq.queued_at = now
+            position = len(self.waiting) + 1 - max(0, self.slots - len(self.running))
+            if seq.queue_deadline is not None and position > 0:
+                wait = self.drain.expected_wait(position)
+                if wait is not None and now + wait > seq.queue_deadline:
+                    raise QueueFull(f"expected wait for a batch row {wait:.1f} s ({position} in line, the queue "
+                                    f"drains {self.drain.admitted / self.drain.busy_s:.1f}/s) is beyond this "
+                                    f"request's queueing limit of {seq.queue_deadline - now:.1f} s", "expected_wait")
             self.waiting.append(seq)
 
     def cancel(self, seq: Sequence) -> None:
-        """The client went away: the sequence leaves at the next step and its slot is freed."""
+        """The client went away: a waiting sequence leaves the queue now (its place is free for the next
+        request); a running one leaves at the next step, which frees its slot and KV range."""
         seq.cancelled = True
+        with self._lock:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:  # running, finished, or already admitted
+                pass
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -116,6 +173,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.cancelled or s.finish_reason]:
             self._remove(seq)
         with self._lock:
+            out.extend(self._expire())
+            admitted = 0
             while self.waiting and len(self.running) < self.slots:
                 seq = self.waiting[0]
                 if not seq.cancelled:
@@ -123,47 +182,44 @@ class Scheduler:
                     if base is None:  # first come, first served: it waits for space, later ones behind it
                         break
                     seq.kv_base, seq.slot = base, len(self.running)
+                    seq.admitted_at = time.monotonic()
+                    admitted += 1
                     self.running.append(seq)
                     if seq.params.sampling.repetition_penalty != 1.0:
                         self.seen[seq.slot] = False
                         self.seen[seq.slot, torch.tensor(seq.prompt_ids, device=self.seen.device)] = True
                 self.waiting.popleft()
+            self.drain.tick(time.monotonic(), admitted, bool(self.waiting))
 
-        # Prefill: up to `prefill_chunk` prompt tokens per step, newcomers in order of arrival. Short
-        # prompts that fit the budget whole go through one batched forward pass; a long one is cut
-        # into chunks, one forward each. A sequence whose prompt is complete chooses its first token
-        # right away.
+        # Prefill: up to `prefill_chunk` prompt tokens per step, newcomers in order of arrival, all in one packed
+        # forward pass (no padding: prompts of 100 and 1,000 tokens cost 1,100 tokens of compute). A prompt that
+        # does not fit what is left of the budget is cut, and goes on at the next step. A sequence whose prompt is
+        # complete chooses its first token right away.
         budget = self.prefill_chunk
-        whole: list[Sequence] = []
+        chunks, prefilling = [], []
         for seq in self.running:
             if budget <= 0:
                 break
             if seq.prefilled >= len(seq.prompt_ids) or seq.cancelled:
                 continue
-            if seq.prefilled == 0 and len(seq.prompt_ids) <= budget:
-                whole.append(seq)
-                budget -= len(seq.prompt_ids)
-                continue
             a = seq.prefilled
             b = min(len(seq.prompt_ids), a + budget)
             budget -= b - a
+            chunks.append((seq.kv_base, seq.prompt_ids[a:b], a))
+            prefilling.append(seq)
+        if chunks:
             try:
-                logits = self.runner.prefill(seq.kv_base, seq.prompt_ids[a:b], a)  # [V]
-            except Exception as e:  # noqa: BLE001 - this newcomer fails, the batch goes on
-                out.extend(_failed([seq], e))
-                continue
-            seq.prefilled = b
-            if b == len(seq.prompt_ids):
-                out.extend(self._next_batch([seq], logits[None]))
-        if whole:
-            try:
-                logits = self.runner.prefill_new([s.kv_base for s in whole], [s.prompt_ids for s in whole])  # [n, V]
-            except Exception as e:  # noqa: BLE001
-                out.extend(_failed(whole, e))
+                logits = self.runner.prefill(chunks)  # [n, V]
+            except Exception as e:  # noqa: BLE001 - these newcomers fail, the batch goes on
+                out.extend(_failed(prefilling, e))
             else:
-                for seq in whole:
-                    seq.prefilled = len(seq.prompt_ids)
-                out.extend(self._next_batch(whole, logits))
+                done = []
+                for i, (seq, (_, ids, a)) in enumerate(zip(prefilling, chunks)):
+                    seq.prefilled = a + len(ids)
+                    if seq.prefilled == len(seq.prompt_ids):
+                        done.append(i)
+                if done:
+                    out.extend(self._next_batch([prefilling[i] for i in done], logits[done]))
 
         # Decode: one batched step over slots 0..n-1. Rows whose sequence is not ready (mid-prefill,
         # finished, cancelled) are fed a dummy token at a position their next prefill chunk overwrites
@@ -188,6 +244,18 @@ class Scheduler:
             return out + _failed([self.running[i] for i in rows], e)
         out.extend(self._next_batch([self.running[i] for i in rows], logits[rows]))
         return out
+
+    def _expire(self) -> list[Output]:
+        """Waiters past their queue_deadline leave with QueueFull (under the lock)."""
+        if not self.waiting:
+            return []
+        now = time.monotonic()
+        late = [s for s in self.waiting if s.queue_deadline is not None and now > s.queue_deadline]
+        for s in late:
+            self.waiting.remove(s)
+            s.cancelled = True
+        return [(s, QueueFull(f"waited {now - s.queued_at:.1f} s for a batch row, this request's queueing limit; "
+                              "the replica is saturated", "waited_too_long")) for s in late]
 
     @staticmethod
     def _on_device(seq: Sequence, ahead: int) -> bool:
@@ -233,6 +301,8 @@ class Scheduler:
         seqs, fetch = self._pending
         self._pending = None
         with self._lock:
+            expired = self._expire()
+            self.drain.tick(time.monotonic(), 0, bool(self.waiting))
             admit = bool(self.waiting) and len(self.running) < self.slots and self.kv.fits(self.waiting[0].kv_size)
         # Each sequence's pending token sits at position s.length, the one after its accepted tokens.
         last = max(s.length for s in seqs)
@@ -247,8 +317,8 @@ class Scheduler:
             tokens = fetch.wait()
         except Exception as e:  # noqa: BLE001
             self._pending = None
-            return _failed([s for s in seqs if not (s.cancelled or s.finish_reason)], e)
-        out = []
+            return expired + _failed([s for s in seqs if not (s.cancelled or s.finish_reason)], e)
+        out = expired
         for s, tok in zip(seqs, tokens):
             if not (s.cancelled or s.finish_reason):
                 out.append((s, accept(s, tok, self.eos_id, None)))

@@ -25,6 +25,7 @@ class GenerationStats:
     time_to_first_token_seconds: float
     inter_token_seconds: list[float]
     finish_reason: str  # "length", "eos", "stop", or "cancelled"
+    queue_seconds: float = 0.0  # from joining the waiting queue to getting a batch row
 
 
 Stats = Union[ScoreBatchStats, GenerationStats]

@@ -17,6 +17,7 @@ from ..api.auth import TokenCheck
 from ..api.status import status_for
 from ..engine.config import EngineConfig, LimitsConfig
 from ..engine.engine import Engine
+from ..engine.errors import QueueFull
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,14 @@ class LanguageModelServer:
         self._node_id = ray.get_runtime_context().get_node_id()
         self.engine = Engine(EngineConfig.from_dict(engine_config), on_stats=self.metrics.record)
 
+    def __del__(self) -> None:
+        """Serve calls this on shutdown after draining (it waits up to graceful_shutdown_timeout_s for the calls in
+        flight): anything still queued or streaming ends UNAVAILABLE, the engine's threads stop and its GPU memory
+        is freed. Serve gives no earlier signal that a replica is stopping."""
+        engine = getattr(self, "engine", None)  # absent when __init__ failed
+        if engine is not None:
+            engine.close()
+
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve `user_config`: request limits change without a restart ({"limits": {...}})."""
         limits = dict(user_config.get("limits", {}))
@@ -49,6 +58,8 @@ class LanguageModelServer:
 
     def _fail(self, ctx, method: str, exc: BaseException, t0: float) -> None:
         code, msg = status_for(exc)
+        if isinstance(exc, QueueFull):
+            self.metrics.refused(method, exc.reason)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             wait_ms = self.limits.retry_after_ms
             # gRPC's standard pushback trailer: clients with a retry policy wait this long, then retry.
@@ -84,7 +95,13 @@ class LanguageModelServer:
         async def work():
             pairs, opts = validation.score_request(request, self.limits)
             delimiter = request.target_delimiter if request.HasField("target_delimiter") else " "
-            return convert.score_response(pairs, await self.engine.score(pairs, opts), self._token_text, delimiter)
+            results = await self.engine.score(pairs, opts)
+            if not opts.details:
+                return convert.score_response(pairs, results, self.engine.token_texts, delimiter)
+            # Up to limits.max_score_details entries, each a message and a decoded text: off the event loop.
+            entries = sum(r.num_tokens for r in results) * (1 + opts.top_n)
+            return await self.engine.on_tokenizer_thread(convert.score_response, pairs, results,
+                                                         self.engine.token_texts, delimiter, size=entries)
 
         return await self._unary("Score", grpc_context, request, lm_pb2.ScoreResponse(), work)
 
@@ -100,7 +117,7 @@ class LanguageModelServer:
     async def Generate(self, request: lm_pb2.GenerateRequest, grpc_context) -> lm_pb2.GenerateResponse:
         async def work():
             acc = None
-            async for acc in self._generate(request):
+            async for acc in self._generate(request, grpc_context):
                 pass
             return acc.response()
 
@@ -110,7 +127,7 @@ class LanguageModelServer:
         t0 = time.monotonic()
         try:
             self._admit(grpc_context, request)
-            async for acc in self._generate(request):
+            async for acc in self._generate(request, grpc_context):
                 if acc.text or acc.finish is not None or acc.ids and acc.want_details:
                     yield acc.take()
         except Exception as e:  # noqa: BLE001
@@ -120,13 +137,17 @@ class LanguageModelServer:
             raise StatusSet(grpc_context.details()) from None
         self._ok("GenerateStream", t0)
 
-    async def _generate(self, request):
+    async def _generate(self, request, ctx):
         """Validate, then yield the accumulator after every generated token."""
+        t0 = time.monotonic()
         text, ids, params = validation.generate_request(request, self.limits)
-        prompt = await self.engine.on_tokenizer_thread(self.engine.prompt_ids, text, ids)  # off the event loop
-        acc = convert.GenerateAccumulator(len(prompt), params.logprobs, self._token_text)
+        timeout = validation.timeout_s(ctx.invocation_metadata())
+        prompt = await self.engine.prompt(text, ids)  # off the event loop, after the queue check
+        acc = convert.GenerateAccumulator(len(prompt), params.logprobs, self.engine.token_texts)
+        if timeout is not None:
+            timeout -= time.monotonic() - t0
         try:
-            async for chunk, seed in self.engine.generate(prompt, params):
+            async for chunk, seed in self.engine.generate(prompt, params, timeout):
                 if acc.generated == 0:
                     self._report_load()
                 acc.add(chunk, seed)
@@ -137,21 +158,23 @@ class LanguageModelServer:
     def _report_load(self) -> None:
         self.metrics.generation_load(*self.engine.generation_load(), *self.engine.kv_cache_use())
 
-    def _token_text(self, token_id: int) -> str:
-        return self.engine.token_texts([token_id])[0]
-
     async def Tokenize(self, request: lm_pb2.TokenizeRequest, grpc_context) -> lm_pb2.TokenizeResponse:
         async def work():
             text = validation.text_request("text", request.text, self.limits)
-            ids, texts = await self.engine.on_tokenizer_thread(self.engine.tokenize, text)  # off the event loop
-            return lm_pb2.TokenizeResponse(ids=ids, texts=texts)
+            # The response too is built off the event loop: 190,000 characters are ~300,000 ids and texts.
+            return await self.engine.on_tokenizer_thread(self._tokenize, text, size=len(text))
 
         return await self._unary("Tokenize", grpc_context, request, lm_pb2.TokenizeResponse(), work)
 
+    def _tokenize(self, text: str) -> lm_pb2.TokenizeResponse:
+        ids, texts = self.engine.tokenize(text)
+        return lm_pb2.TokenizeResponse(ids=ids, texts=texts)
+
     async def Detokenize(self, request: lm_pb2.DetokenizeRequest, grpc_context) -> lm_pb2.DetokenizeResponse:
         async def work():
-            return lm_pb2.DetokenizeResponse(text=await self.engine.on_tokenizer_thread(self.engine.detokenize,
-                                                                                        list(request.ids)))
+            ids = list(request.ids)
+            text = await self.engine.on_tokenizer_thread(self.engine.detokenize, ids, size=len(ids))
+            return lm_pb2.DetokenizeResponse(text=text)
 
         return await self._unary("Detokenize", grpc_context, request, lm_pb2.DetokenizeResponse(), work)
 

@@ -54,6 +54,18 @@ class Metrics:
             boundaries=_LATENCY,
         )
 
+        self.gen_queue_time = Histogram(
+            "polyglot_generation_queue_seconds",
+            description="Generate: wait for a batch row (from joining the queue to admission), of requests that got one.",
+            boundaries=_LATENCY,
+        )
+        self.refusals = Counter(
+            "polyglot_refused_total",
+            description="Requests refused with RESOURCE_EXHAUSTED by the replica's queues, by method and reason: "
+                        "queue_full, expected_wait (its wait would pass its deadline), waited_too_long.",
+            tag_keys=("method", "reason"),
+        )
+
         self.gen_running = Gauge("polyglot_generation_running", description="Sequences in the decode batch.")
         self.gen_waiting = Gauge("polyglot_generation_waiting", description="Generate requests waiting to join the decode batch.")
         self.kv_slots = Gauge("polyglot_kv_cache_slots", description="Most sequences decoded together (batch rows).")
@@ -97,8 +109,12 @@ class Metrics:
             if s.prompt_tokens:
                 self.prompt_tokens.inc(s.prompt_tokens)
             self.ttft.observe(s.time_to_first_token_seconds)
+            self.gen_queue_time.observe(s.queue_seconds)
             for gap in s.inter_token_seconds:
                 self.itl.observe(gap)
+
+    def refused(self, method: str, reason: str) -> None:
+        self.refusals.inc(tags={"method": method, "reason": reason})
 
     def request(self, method: str, code: str, seconds: float) -> None:
         self.requests.inc(tags={"method": method, "code": code})

@@ -1,0 +1,257 @@
+"""Admission under pressure, without Ray: queue limits apply before tokenizing, a cancelled waiter frees its place
+at once, a failed Score round fails only its callers, and token-detail output has a per-call budget."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from conftest import run
+from service.engine import batching
+from service.engine.batching import ScoreBatcher
+from service.engine.config import BatchConfig
+from service.engine.engine import ScoreOptions
+from service.engine.errors import InvalidRequest, QueueFull
+from service.engine.generation import GenerationParams, Sequence
+from service.engine.scheduler import Scheduler
+from service.engine.scoring import ScoreItem
+
+
+def _item(n):
+    return ScoreItem(input_ids=[1] * n, target_ids=[1], truncated_tokens=0)
+
+
+def test_cancelled_waiters_leave_the_queue_at_once(engine_small):
+    """2 slots, 3 waiting: the queue is full; the waiters' clients go away; as many new requests fit at once,
+    without a step having run (before, cancelled waiters counted until they reached the head of the queue)."""
+    s = Scheduler(engine_small.runner, engine_small.lm.eos_token_id, max_waiting=3, prefill_chunk=3)
+    tok = engine_small.lm.tokenizer
+
+    def seq():
+        return Sequence([5, 6, 7], GenerationParams(max_new_tokens=4), tok)
+
+    first = [seq() for _ in range(5)]  # 2 take the free slots at the next step, 3 wait
+    for q in first:
+        s.add(q)
+    with pytest.raises(QueueFull):
+        s.add(seq())
+    for q in first[2:]:
+        s.cancel(q)
+    for _ in range(3):
+        s.add(seq())
+    assert len(s.waiting) == 5 and not any(q.cancelled for q in s.waiting)
+    with pytest.raises(QueueFull):
+        s.check_room()
+
+
+class _Gate:
+    """Wraps a tokenizing function: counts its calls and holds them until opened."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.open = fn, 0, threading.Event()
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        assert self.open.wait(30)
+        return self.fn(*a, **kw)
+
+
+def test_score_is_refused_before_it_is_tokenized(engine_fp32, monkeypatch):
+    """A queue of 4 pairs: while the tokenizer holds the first calls, the rest are refused at once, untokenized."""
+    monkeypatch.setattr(engine_fp32.cfg.batch, "max_queue_pairs", 4)
+    gate = _Gate(engine_fp32._encoder)
+    monkeypatch.setattr(engine_fp32, "_encoder", gate)
+
+    async def main():
+        calls = [asyncio.ensure_future(engine_fp32.score([("서울의 봄은", f" 벚꽃 {i}")], ScoreOptions()))
+                 for i in range(10)]
+        await asyncio.sleep(0.2)
+        refused = [c for c in calls if c.done()]
+        gate.open.set()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return refused, results
+
+    refused, results = run(main())
+    assert len(refused) == 6 and all(isinstance(c.exception(), QueueFull) for c in refused)
+    assert sum(not isinstance(r, Exception) for r in results) == 4
+    assert gate.calls == 4  # only the admitted calls reached the tokenizer (before: all 10)
+    assert engine_fp32._tokenizing_pairs == 0
+
+
+def test_generate_is_refused_before_its_prompt_is_tokenized(engine_small, monkeypatch):
+    """2 slots + 3 waiting: 5 prompts may be on their way; the 6th and later are refused, untokenized."""
+    gate = _Gate(engine_small.prompt_ids)
+    monkeypatch.setattr(engine_small, "prompt_ids", gate)
+
+    async def main():
+        calls = [asyncio.ensure_future(engine_small.prompt(f"서울의 봄은 {i}", [])) for i in range(8)]
+        await asyncio.sleep(0.2)
+        refused = [c for c in calls if c.done()]
+        gate.open.set()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return refused, results
+
+    refused, results = run(main())
+    assert len(refused) == 3 and all(isinstance(c.exception(), QueueFull) for c in refused)
+    assert sum(isinstance(r, list) for r in results) == 5 and gate.calls == 5
+    assert engine_small._tokenizing_prompts == 0
+
+
+def test_token_details_have_a_budget_per_call(engine_fp32, monkeypatch):
+    monkeypatch.setattr(engine_fp32.cfg.limits, "max_score_details", 50)
+    tok = engine_fp32.lm.tokenizer
+    cont = " 맑고 바람이 시원하다. 오늘은"
+    n = len(tok(("오늘은 날씨가" + cont), add_special_tokens=False)["input_ids"]) - \
+        len(tok("오늘은 날씨가", add_special_tokens=False)["input_ids"])
+    top = 50 // n - 1  # n x (1 + top) <= 50 < n x (2 + top)
+    (r,) = run(engine_fp32.score([("오늘은 날씨가", cont)], ScoreOptions(details=True, top_n=top)))
+    assert r.num_tokens == n and r.details is not None
+    with pytest.raises(InvalidRequest, match=rf"{n} continuation tokens x \(1 \+ top_logprobs {top + 1}\) = "
+                                             rf"{n * (top + 2)} entries; the limit per call is 50"):
+        run(engine_fp32.score([("오늘은 날씨가", cont)], ScoreOptions(details=True, top_n=top + 1)))
+    with pytest.raises(InvalidRequest, match="limit per call is 50"):  # summed over pairs
+        run(engine_fp32.score([("오늘은 날씨가", cont)] * 2, ScoreOptions(details=True, top_n=top)))
+
+
+def test_a_failed_batch_round_fails_its_callers_and_the_next_request_succeeds(monkeypatch):
+    async def fine(items):
+        return [i.length for i in items]
+
+    real = batching.plan_batches
+    calls = {"n": 0}
+
+    def fails_once(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("planning failed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(batching, "plan_batches", fails_once)
+
+    async def main():
+        b = ScoreBatcher(fine, BatchConfig(max_wait_ms=5), 10_000, lambda s: None)
+        first = await asyncio.gather(b.submit([_item(2)]), b.submit([_item(3)]), return_exceptions=True)
+        then = await asyncio.wait_for(b.submit([_item(4)]), 5)
+        return first, then
+
+    first, then = asyncio.run(main())
+    assert all(isinstance(e, RuntimeError) and "planning failed" in str(e) for e in first)
+    assert then == [4]
+
+
+def test_a_restarted_batcher_serves_the_callers_already_queued():
+    """The batcher's task ended with callers queued (before: the restart dropped them, and they waited forever)."""
+    async def fine(items):
+        return [i.length for i in items]
+
+    async def main():
+        b = ScoreBatcher(fine, BatchConfig(max_wait_ms=50), 10_000, lambda s: None)
+        queued = asyncio.ensure_future(b.submit([_item(2)]))
+        await asyncio.sleep(0.01)  # queued; the loop waits out max_wait_ms for company
+        b._task.cancel()
+        await asyncio.sleep(0.01)
+        later = await asyncio.wait_for(b.submit([_item(3)]), 5)
+        return await asyncio.wait_for(queued, 5), later
+
+    assert asyncio.run(main()) == ([2], [3])
+
+
+def test_drain_rate_measures_only_time_with_waiters():
+    from service.engine.scheduler import DrainRate
+
+    d = DrainRate(horizon_s=1e9)  # no decay: exact arithmetic
+    assert d.expected_wait(1) is None
+    d.tick(0.0, 0, waiting_after=False)
+    d.tick(100.0, 0, waiting_after=True)  # idle 100 s with nobody waiting: not counted
+    assert d.expected_wait(1) is None
+    d.tick(102.0, 1, waiting_after=True)
+    d.tick(104.0, 3, waiting_after=True)  # 4 admitted in 4 s of queueing: 1 s per place
+    assert d.expected_wait(1) == pytest.approx(1.0) and d.expected_wait(5) == pytest.approx(5.0)
+    d.tick(114.0, 0, waiting_after=True)  # stuck 10 s: 14 s for 4 admissions
+    assert d.expected_wait(2) == pytest.approx(7.0)
+
+
+def _seq(engine, n=4):
+    return Sequence([5, 6, 7], GenerationParams(max_new_tokens=n), engine.lm.tokenizer)
+
+
+def test_a_request_whose_expected_wait_passes_its_deadline_is_refused_at_once(engine_small):
+    import time
+
+    s = Scheduler(engine_small.runner, engine_small.lm.eos_token_id, max_waiting=10, prefill_chunk=3)
+    for _ in range(2):  # take both slots at the next step
+        s.add(_seq(engine_small))
+    s.drain.busy_s, s.drain.admitted = 10.0, 5.0  # measured: 2 s per place in line
+    late = _seq(engine_small)
+    late.queue_deadline = time.monotonic() + 1.0  # first in line: expected 2 s
+    with pytest.raises(QueueFull, match=r"expected wait for a batch row 2\.0 s \(1 in line") as err:
+        s.add(late)
+    assert err.value.reason == "expected_wait" and late not in s.waiting
+    ok = _seq(engine_small)
+    ok.queue_deadline = time.monotonic() + 3.0
+    s.add(ok)
+    nolimit = _seq(engine_small)
+    s.add(nolimit)  # no deadline: waits as long as it takes
+    assert list(s.waiting)[-2:] == [ok, nolimit]
+
+
+def test_a_waiter_past_its_deadline_leaves_with_queue_full(engine_small):
+    import time
+
+    s = Scheduler(engine_small.runner, engine_small.lm.eos_token_id, max_waiting=10, prefill_chunk=3)
+    running = [_seq(engine_small, 50) for _ in range(2)]
+    for q in running:
+        s.add(q)
+    waiter = _seq(engine_small)
+    waiter.queue_deadline = time.monotonic() + 0.05
+    s.add(waiter)
+    s.step()  # the two take the slots; the waiter is within its deadline
+    assert list(s.waiting) == [waiter]
+    time.sleep(0.1)
+    out = s.step()
+    refused = [(q, e) for q, e in out if q is waiter]
+    assert len(refused) == 1 and isinstance(refused[0][1], QueueFull)
+    assert refused[0][1].reason == "waited_too_long" and "for a batch row" in str(refused[0][1])
+    assert not s.waiting and all(q.slot >= 0 for q in running)
+
+
+def test_generate_is_refused_by_its_deadline_not_left_waiting(engine_small):
+    """Both slots busy with long generations: a request with a 0.3 s deadline is refused with QueueFull after
+    0.3 s, not served minutes later; once the drain rate is known, the next one is refused at once."""
+    import time
+
+    long = GenerationParams(max_new_tokens=400, ignore_eos=True)
+
+    async def drain(params, timeout=None):
+        n = 0
+        async for chunk, _ in engine_small.generate([5, 6, 7], params, timeout):
+            n = chunk.generated_tokens
+        return n
+
+    async def main():
+        busy = [asyncio.ensure_future(drain(long)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(QueueFull) as first:
+            await drain(GenerationParams(max_new_tokens=4), timeout=0.33)  # 90 %: 0.3 s in the queue
+        waited = time.monotonic() - t0
+        engine_small.scheduler.drain.busy_s, engine_small.scheduler.drain.admitted = 60.0, 1.0
+        t1 = time.monotonic()
+        with pytest.raises(QueueFull) as second:
+            await drain(GenerationParams(max_new_tokens=4), timeout=5.0)
+        at_once = time.monotonic() - t1
+        for b in busy:
+            b.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+        return first.value, waited, second.value, at_once
+
+    from service.engine.scheduler import DrainRate
+
+    engine_small.scheduler.drain = DrainRate()  # the fixture is shared: no drain history from other tests
+    try:
+        first, waited, second, at_once = run(main())
+    finally:
+        engine_small.scheduler.drain = DrainRate()  # the fixture is shared
+    assert first.reason == "waited_too_long" and 0.25 < waited < 3.0
+    assert second.reason == "expected_wait" and at_once < 0.5

@@ -255,3 +255,31 @@ def test_generate_is_refused_by_its_deadline_not_left_waiting(engine_small):
         engine_small.scheduler.drain = DrainRate()  # the fixture is shared
     assert first.reason == "waited_too_long" and 0.25 < waited < 3.0
     assert second.reason == "expected_wait" and at_once < 0.5
+
+
+def test_score_batches_are_cut_to_the_budget_of_the_moment():
+    """A round planned with a large budget is re-cut when the budget drops between batches (Generate streams
+    started): no forward pass after that holds more than the new budget."""
+    sizes, budget = [], {"now": 10_000}
+
+    async def record(items):
+        sizes.append(sum(i.length for i in items))
+        budget["now"] = 8  # streams started while the first batch ran
+        return [i.length for i in items]
+
+    async def main():
+        b = ScoreBatcher(record, BatchConfig(max_wait_ms=20, max_batch_pairs=4), lambda: budget["now"], lambda s: None)
+        return await asyncio.gather(*(b.submit([_item(3)]) for _ in range(12)))
+
+    results = asyncio.run(main())
+    assert results == [[3]] * 12
+    assert sizes == [12, 6, 6, 6, 6], sizes  # 3 batches of 4 planned; the last two re-cut to 2 pairs each
+
+
+def test_score_budget_is_capped_while_generation_runs(engine_fp32, monkeypatch):
+    monkeypatch.setattr(engine_fp32.cfg.batch, "max_batch_tokens_while_generating", 512)
+    assert engine_fp32._score_budget(4096) == 4096  # nothing generating
+    monkeypatch.setattr(engine_fp32.scheduler, "has_work", lambda: True)
+    assert engine_fp32._score_budget(4096) == 512 and engine_fp32._score_budget(256) == 256
+    monkeypatch.setattr(engine_fp32.cfg.batch, "max_batch_tokens_while_generating", 0)
+    assert engine_fp32._score_budget(4096) == 4096

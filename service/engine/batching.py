@@ -60,12 +60,13 @@ class ScoreBatcher:
         self,
         run: Callable[[list[ScoreItem]], Awaitable[list[PairResult]]],
         cfg: BatchConfig,
-        max_batch_tokens: int,
+        max_batch_tokens: int | Callable[[], int],
         on_stats: StatsSink,
     ):
         self._run = run
         self._cfg = cfg
-        self._max_tokens = max_batch_tokens
+        # Tokens per forward pass, read before each batch (the engine lowers it while streams run).
+        self._budget = max_batch_tokens if callable(max_batch_tokens) else lambda: max_batch_tokens
         self._on_stats = on_stats
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -141,11 +142,13 @@ class ScoreBatcher:
             todo = [p for p in self._pending if not p.future.done()]
             self._pending = []
             try:
-                batches = plan_batches(todo, lambda p: p.item.length, self._max_tokens, self._cfg.max_batch_pairs)
-                for batch in batches:
-                    batch = [p for p in batch if not p.future.done()]  # cancelled while earlier batches ran
-                    if batch:
-                        await self._run_batch(batch)
+                length, rows = (lambda p: p.item.length), self._cfg.max_batch_pairs
+                for planned in plan_batches(todo, length, self._budget(), rows):
+                    # Re-cut to the budget of now: streams may have started while earlier batches ran.
+                    for batch in plan_batches(planned, length, self._budget(), rows):
+                        batch = [p for p in batch if not p.future.done()]  # cancelled while earlier batches ran
+                        if batch:
+                            await self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - a failed round fails its callers; the loop serves the next
                 log.exception("score batch round failed")
                 for p in todo:

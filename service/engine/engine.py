@@ -187,7 +187,7 @@ class Engine:
                 self._choice_batcher = ScoreBatcher(
                     lambda groups: self._on_model_thread(self.scorer.forward_groups, groups),
                     self.cfg.batch,
-                    self.cfg.batch.max_choice_prefix_tokens,
+                    lambda: self._score_budget(self.cfg.batch.max_choice_prefix_tokens),
                     self.on_stats,
                 )
             return (await self._choice_batcher.submit([group]))[0]
@@ -215,10 +215,16 @@ class Engine:
             self._batcher = ScoreBatcher(
                 lambda batch: self._on_model_thread(self.scorer.forward, batch),
                 self.cfg.batch,
-                self._max_batch_tokens,
+                lambda: self._score_budget(self._max_batch_tokens),
                 self.on_stats,
             )
         return await self._batcher.submit(items)
+
+    def _score_budget(self, tokens: int) -> int:
+        """Tokens for the next Score forward pass: `tokens`, capped while Generate streams run or wait
+        (BatchConfig.max_batch_tokens_while_generating), since each pass delays every stream's next token."""
+        cap = self.cfg.batch.max_batch_tokens_while_generating
+        return min(tokens, cap) if cap and self.scheduler.has_work() else tokens
 
     @property
     def queued_score_pairs(self) -> int:

@@ -229,11 +229,21 @@ class LanguageModelServer:
         await asyncio.wait_for(self.engine.probe(), timeout=60)
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
+IMPORT_PATH = "service.serve.app:build_app"
+
+
+def build_app(args: dict[str, Any], deployments: dict[str, dict] | None = None) -> serve.Application:
     """Application builder named in the Serve config (`import_path: service.serve.app:build_app`);
     `args` is the engine configuration ({"model": {...}, "limits": {...}, "batch": {...}, "generation": {...}})
-    plus optional "auth": {"token_env": VAR, "token_file": PATH} to require a bearer token on every RPC."""
+    plus optional "auth": {"token_env": VAR, "token_file": PATH} to require a bearer token on every RPC.
+    `deployments`: the config's deployment options by name, applied here when the launcher deploys through
+    serve.run (Serve applies them itself when it deploys the config file, as KubeRay does)."""
     args = dict(args)
     auth = args.pop("auth", None)
     EngineConfig.from_dict(args)  # fail at deploy time on a bad config, not in every replica
-    return LanguageModelServer.bind(args, auth)
+    deployment = LanguageModelServer
+    options = dict((deployments or {}).get("LanguageModel", {}))
+    options.pop("name", None)
+    if options:
+        deployment = deployment.options(**options)
+    return deployment.bind(args, auth)

@@ -60,19 +60,24 @@ def deploy(cfg: dict[str, Any], timeout_s: float = 600) -> None:
     """Start Serve with the config's proxies and deploy its applications on the connected Ray
     cluster; return once every application is RUNNING (raise with Serve's message if one fails)."""
     from ray import serve
-    from ray.serve._private.api import serve_start
-    from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
+    from .app import IMPORT_PATH, build_app
+
     schema = ServeDeploySchema.model_validate(cfg)  # Ray's own validation of the file
-    # The same two calls `serve run CONFIG` makes: start the controller and proxies with the
-    # file's options, then hand the whole config to the controller.
-    client = serve_start(
-        http_options=schema.http_options.model_dump(),
-        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+    # Public Serve API only (serve.start, Deployment.options, serve.run), so a Ray upgrade keeps it working: the
+    # file's proxies and ports, then each application built by its builder with the file's deployment options.
+    serve.start(
         proxy_location=schema.proxy_location,
+        http_options=schema.http_options.model_dump(exclude_unset=True),
+        grpc_options=schema.grpc_options.model_dump(exclude_unset=True),
     )
-    client.deploy_apps(schema, _blocking=False)
+    for app in schema.applications:
+        if app.import_path != IMPORT_PATH:
+            raise ValueError(f"this launcher deploys {IMPORT_PATH}, not {app.import_path}")
+        options = {d.name: d.model_dump(exclude_unset=True) for d in app.deployments}
+        serve.run(build_app(app.args, options), blocking=False, name=app.name, route_prefix=app.route_prefix,
+                  logging_config=app.logging_config)
     deadline = time.monotonic() + timeout_s
     names = [a.name for a in schema.applications]
     while True:

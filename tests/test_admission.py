@@ -57,22 +57,23 @@ class _Gate:
         return self.fn(*a, **kw)
 
 
+async def _held_back(gate: _Gate, coros: list) -> tuple[list, list]:
+    """Start the calls while the gate holds the tokenizer: (the calls already answered, every call's result)."""
+    calls = [asyncio.ensure_future(c) for c in coros]
+    await asyncio.sleep(0.2)
+    refused = [c for c in calls if c.done()]
+    gate.open.set()
+    return refused, await asyncio.gather(*calls, return_exceptions=True)
+
+
 def test_score_is_refused_before_it_is_tokenized(engine_fp32, monkeypatch):
     """A queue of 4 pairs: while the tokenizer holds the first calls, the rest are refused at once, untokenized."""
     monkeypatch.setattr(engine_fp32.cfg.batch, "max_queue_pairs", 4)
     gate = _Gate(engine_fp32._encoder)
     monkeypatch.setattr(engine_fp32, "_encoder", gate)
 
-    async def main():
-        calls = [asyncio.ensure_future(engine_fp32.score([("서울의 봄은", f" 벚꽃 {i}")], ScoreOptions()))
-                 for i in range(10)]
-        await asyncio.sleep(0.2)
-        refused = [c for c in calls if c.done()]
-        gate.open.set()
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        return refused, results
-
-    refused, results = run(main())
+    refused, results = run(_held_back(gate, [engine_fp32.score([("서울의 봄은", f" 벚꽃 {i}")], ScoreOptions())
+                                             for i in range(10)]))
     assert len(refused) == 6 and all(isinstance(c.exception(), QueueFull) for c in refused)
     assert sum(not isinstance(r, Exception) for r in results) == 4
     assert gate.calls == 4  # only the admitted calls reached the tokenizer (before: all 10)
@@ -84,15 +85,7 @@ def test_generate_is_refused_before_its_prompt_is_tokenized(engine_small, monkey
     gate = _Gate(engine_small.prompt_ids)
     monkeypatch.setattr(engine_small, "prompt_ids", gate)
 
-    async def main():
-        calls = [asyncio.ensure_future(engine_small.prompt(f"서울의 봄은 {i}", [])) for i in range(8)]
-        await asyncio.sleep(0.2)
-        refused = [c for c in calls if c.done()]
-        gate.open.set()
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        return refused, results
-
-    refused, results = run(main())
+    refused, results = run(_held_back(gate, [engine_small.prompt(f"서울의 봄은 {i}", []) for i in range(8)]))
     assert len(refused) == 3 and all(isinstance(c.exception(), QueueFull) for c in refused)
     assert sum(isinstance(r, list) for r in results) == 5 and gate.calls == 5
     assert engine_small._tokenizing_prompts == 0

@@ -3,6 +3,7 @@ at once, a failed Score round fails only its callers, and token-detail output ha
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 
 import pytest
@@ -154,15 +155,46 @@ def test_drain_rate_measures_only_time_with_waiters():
     from service.engine.scheduler import DrainRate
 
     d = DrainRate(horizon_s=1e9)  # no decay: exact arithmetic
-    assert d.expected_wait(1) is None
+    assert d.expected_wait(1, 0.0) is None
     d.tick(0.0, 0, waiting_after=False)
     d.tick(100.0, 0, waiting_after=True)  # idle 100 s with nobody waiting: not counted
-    assert d.expected_wait(1) is None
+    assert d.expected_wait(1, 100.0) is None  # queueing starts now: nothing measured yet
     d.tick(102.0, 1, waiting_after=True)
     d.tick(104.0, 3, waiting_after=True)  # 4 admitted in 4 s of queueing: 1 s per place
-    assert d.expected_wait(1) == pytest.approx(1.0) and d.expected_wait(5) == pytest.approx(5.0)
+    assert d.expected_wait(1, 104.0) == pytest.approx(1.0) and d.expected_wait(5, 104.0) == pytest.approx(5.0)
     d.tick(114.0, 0, waiting_after=True)  # stuck 10 s: 14 s for 4 admissions
-    assert d.expected_wait(2) == pytest.approx(7.0)
+    assert d.expected_wait(2, 114.0) == pytest.approx(7.0)
+    assert d.expected_wait(2, 118.0) == pytest.approx(9.0)  # still stuck, 4 s later: counted without a tick
+    d.tick(118.0, 0, waiting_after=False)  # the waiters went away (cancelled)
+    assert d.expected_wait(2, 1118.0) == pytest.approx(9.0)  # 1,000 s idle later: idle time is not queueing
+
+
+def test_drain_rate_forgets_old_traffic():
+    from service.engine.scheduler import DrainRate
+
+    d = DrainRate(horizon_s=10.0)
+    d.tick(0.0, 0, waiting_after=True)
+    d.tick(10.0, 10, waiting_after=False)  # 1 per second
+    assert d.expected_wait(3, 10.0) == pytest.approx(3.0)
+    assert d.rate(40.0) == pytest.approx(1.0)  # idle decays both sides alike
+    busy, admitted = d._at_time(40.0)
+    assert admitted == pytest.approx(10 * math.exp(-3.0))
+
+
+def test_cancelled_waiters_do_not_turn_idle_time_into_queueing(engine_small):
+    """The regression seen in a full test run: a queue emptied by cancellation, then minutes idle, read as minutes
+    of a stuck queue and refused every later request with a deadline."""
+    import time
+
+    s = Scheduler(engine_small.runner, engine_small.lm.eos_token_id, max_waiting=10, prefill_chunk=3)
+    for _ in range(2):
+        s.add(_seq(engine_small))
+    s.step()  # both slots taken
+    waiter = _seq(engine_small)
+    s.add(waiter)
+    s.cancel(waiter)
+    later = time.monotonic() + 600.0  # ten idle minutes on
+    assert (s.drain.expected_wait(1, later) or 0.0) < 1.0
 
 
 def _seq(engine, n=4):

@@ -96,6 +96,8 @@ def test_serve_config_is_valid_for_ray():
     dep = app.deployments[0]
     assert dep.max_ongoing_requests >= 256  # Serve's default of 5 would cap a batch at 5
     assert dep.ray_actor_options.num_gpus == 1
+    # A stopping replica's streams finish first: the longest the limits allow, at the slowest ~9 tokens/s measured.
+    assert dep.graceful_shutdown_timeout_s >= load_config()["applications"][0]["args"]["limits"]["max_new_tokens"] / 9
     auto = dict(dep.autoscaling_config)
     assert auto["max_replicas"] >= auto["min_replicas"] >= 1
 

@@ -39,22 +39,32 @@ class DrainRate:
         self._at: float | None = None
         self._waiting = False
 
+    def _at_time(self, now: float) -> tuple[float, float]:
+        """(busy_s, admitted) decayed to `now`, the time since the last tick counted as busy if some waited."""
+        if self._at is None:
+            return self.busy_s, self.admitted
+        dt = max(0.0, now - self._at)
+        f = math.exp(-dt / self.horizon_s)
+        return self.busy_s * f + (dt if self._waiting else 0.0), self.admitted * f
+
     def tick(self, now: float, admitted: int, waiting_after: bool) -> None:
-        """At an admission point: `admitted` sequences left the queue since the last tick; `waiting_after` says
-        whether some still wait."""
-        if self._at is not None and (self._waiting or admitted):
-            dt = now - self._at
-            f = math.exp(-dt / self.horizon_s)
-            self.busy_s = self.busy_s * f + dt
-            self.admitted = self.admitted * f + admitted
+        """Whenever the queue changes: `admitted` sequences left it for a batch row since the last tick;
+        `waiting_after` says whether some still wait (idle time, with nobody waiting, only decays the history)."""
+        busy, done = self._at_time(now)
+        self.busy_s, self.admitted = busy, done + admitted
         self._at, self._waiting = now, waiting_after
 
-    def expected_wait(self, position: int) -> float | None:
+    def expected_wait(self, position: int, now: float) -> float | None:
         """Seconds until the `position`-th waiter (1 = next) gets a row; None while nothing has been measured."""
-        if self.busy_s <= 0.0:
+        busy, done = self._at_time(now)
+        if busy <= 0.0:
             return None
         # No admission in the window: at least the time it has been stuck, per position.
-        return position * self.busy_s / max(self.admitted, 1.0)
+        return position * busy / max(done, 1.0)
+
+    def rate(self, now: float) -> float:
+        busy, done = self._at_time(now)
+        return done / busy if busy > 0 else 0.0
 
 
 class Scheduler:
@@ -116,11 +126,13 @@ class Scheduler:
             seq.queued_at = now
             position = len(self.waiting) + 1 - max(0, self.slots - len(self.running))
             if seq.queue_deadline is not None and position > 0:
-                wait = self.drain.expected_wait(position)
+                wait = self.drain.expected_wait(position, now)
                 if wait is not None and now + wait > seq.queue_deadline:
                     raise QueueFull(f"expected wait for a batch row {wait:.1f} s ({position} in line, the queue "
-                                    f"drains {self.drain.admitted / self.drain.busy_s:.1f}/s) is beyond this "
-                                    f"request's queueing limit of {seq.queue_deadline - now:.1f} s", "expected_wait")
+                                    f"drains {self.drain.rate(now):.1f}/s) is beyond this request's queueing limit "
+                                    f"of {seq.queue_deadline - now:.1f} s", "expected_wait")
+            if not self.waiting:
+                self.drain.tick(now, 0, True)  # the queue starts waiting now, not at the last engine step
             self.waiting.append(seq)
 
     def cancel(self, seq: Sequence) -> None:
@@ -131,7 +143,9 @@ class Scheduler:
             try:
                 self.waiting.remove(seq)
             except ValueError:  # running, finished, or already admitted
-                pass
+                return
+            if not self.waiting:  # nobody waits any more: the time from here on is not queueing
+                self.drain.tick(time.monotonic(), 0, False)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -149,6 +163,7 @@ class Scheduler:
         with self._lock:
             dropped = self.running + list(self.waiting)
             self.running, self.waiting = [], collections.deque()
+            self.drain.tick(time.monotonic(), 0, False)
             self.kv = KVSpace(self.runner.kv_tokens)
             self._pending = None
         return dropped

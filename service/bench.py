@@ -60,6 +60,9 @@ class BenchConfig:
     gen_timeout_s: float = 120.0
     """Deadline of each Generate stream; a level that cannot finish in time reports errors, not a hang."""
     hflm_batch: int = 64
+    frontend: bool = False
+    """Serve through the opt-in Frontend deployment (service/serve/frontend.py); False, as shipped: the proxy calls
+    the model replicas directly (`--frontend-ab` also runs the Generate rows through it to price the extra hop)."""
     engine: dict = dataclasses.field(default_factory=dict)
     """Engine settings for the service under test, {section: {key: value}} (--engine section.key=value)."""
 
@@ -477,6 +480,7 @@ def run_service(model: str, w: Workloads, cfg: BenchConfig, tokenizer) -> dict:
     port = _free_port()
     serve_cfg = override(load_config(), model=model, num_gpus=1 if gpu else 0, grpc_port=port,
                          http_port=_free_port(), replicas=1, engine=cfg.engine)
+    serve_cfg["applications"][0]["args"]["frontend"] = cfg.frontend
     t = time.perf_counter()
     deploy(serve_cfg, timeout_s=900)
     startup = time.perf_counter() - t
@@ -653,6 +657,21 @@ def traffic_table(s: dict) -> str:
     return "\n".join(lines)
 
 
+def frontend_hop(front: dict, direct: dict) -> dict:
+    """tokens/s of each Generate row through the Frontend and straight to the model replica, and their ratio."""
+    rows = {f"{c} streams, benchmark path": (front["generate"][c], direct["generate"][c]) for c in direct["generate"]}
+    rows.update({k: (front["traffic"][k], v) for k, v in direct.get("traffic", {}).items()})
+    return {name: {"frontend": a["tokens_per_s"], "direct": b["tokens_per_s"],
+                   "ratio": a["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None}
+            for name, (a, b) in rows.items()}
+
+
+def hop_table(hop: dict) -> str:
+    lines = ["| Generate row | through Frontend (tokens/s) | proxy → replica (tokens/s) | ratio |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {v['frontend']:,.0f} | {v['direct']:,.0f} | {v['ratio']:.3f} |" for k, v in hop.items()]
+    return "\n".join(lines)
+
+
 def _gpu_model(model: str | None) -> str:
     """The model to benchmark: the one asked for, else the 5.8B-shape random checkpoint, built if missing."""
     if model:
@@ -664,6 +683,16 @@ def _gpu_model(model: str | None) -> str:
     return model
 
 
+def _engine_settings(items: list[str]) -> dict:
+    """--engine SECTION.KEY=JSON items as {section: {key: value}}."""
+    settings: dict = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        settings.setdefault(section, {})[name] = json.loads(value)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU, tiny model, small workloads (the code path, not numbers)")
@@ -673,6 +702,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-score", action="store_true", help="service: Generate workloads only")
     ap.add_argument("--traffic-streams", type=int, help="streams of the real-traffic rows (0: none)")
     ap.add_argument("--gen-concurrency", help="comma-separated stream counts (default 1,8,32,64,128)")
+    ap.add_argument("--gen-tokens", type=int, help="new tokens of each benchmark-path stream (default 128)")
+    ap.add_argument("--frontend-ab", action="store_true",
+                    help="also run the Generate rows through the opt-in Frontend deployment: the extra hop's cost")
     ap.add_argument("--gen-timeout", type=float, help="deadline of each Generate stream, seconds")
     ap.add_argument("--open-loop-rates", help="comma-separated Poisson arrival rates, requests/s ('' : none)")
     ap.add_argument("--open-loop-s", type=float, help="seconds of arrivals at each open-loop rate")
@@ -682,6 +714,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--engine", action="append", default=[], metavar="SECTION.KEY=JSON",
                     help="engine setting for the service under test, e.g. model.cudnn_attention=true (repeatable)")
     ap.add_argument("--profile-decode", action="store_true", help="GPU: time and profile the decode step only")
+    ap.add_argument("--decode-prompt", type=int, default=32, help="--profile-decode: tokens in each row's cache")
+    ap.add_argument("--engine-traffic", action="store_true",
+                    help="the real-traffic rows in-process on the Engine (no Ray, no gRPC), with step times and a "
+                         "cProfile of the model thread")
     ap.add_argument("--autoscale", action="store_true", help="multi-GPU: scale up under load and back down")
     ap.add_argument("--profile-score", action="store_true", help="Score in-process: throughput, kernels, invariance")
     args = ap.parse_args(argv)
@@ -694,7 +730,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.autoscale:
         return autoscale_run(_gpu_model(args.model), Path(args.out), max_replicas=max(2, torch.cuda.device_count()))
     if args.profile_decode:
-        return profile_decode(_gpu_model(args.model), Path(args.out))
+        return profile_decode(_gpu_model(args.model), Path(args.out), prompt_len=args.decode_prompt)
+    if args.engine_traffic:
+        if args.quick:
+            from .engine.tiny import ensure
+            return engine_traffic(args.model or str(ensure(Path(".models/tiny"))), Path(args.out),
+                                  BenchConfig.quick_config(""))
+        return engine_traffic(_gpu_model(args.model), Path(args.out),
+                              BenchConfig(model="", engine=_engine_settings(args.engine)))
 
     if args.quick:
         from .engine.tiny import ensure
@@ -706,6 +749,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.out = args.out
     if args.gen_concurrency:
         cfg.gen_concurrency = tuple(int(x) for x in args.gen_concurrency.split(","))
+    if args.gen_tokens:
+        cfg.gen_tokens = args.gen_tokens
     if args.gen_timeout:
         cfg.gen_timeout_s = args.gen_timeout
     if args.skip_score:
@@ -722,10 +767,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.pairs = args.pairs
     if args.mc_questions:
         cfg.mc_questions = args.mc_questions
-    for item in args.engine:
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        cfg.engine.setdefault(section, {})[name] = json.loads(value)
+    cfg.engine = _engine_settings(args.engine)
 
     from .engine import loader
     from .engine.config import ModelConfig
@@ -756,9 +798,14 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     result["service"] = run_service(model, w, cfg, tokenizer)
     print(f"service done in {time.perf_counter() - t:.0f}s", flush=True)
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.frontend_ab:
+        front = dataclasses.replace(cfg, frontend=True, score=False, open_loop_rates=())
+        result["service_frontend"] = run_service(model, w, front, tokenizer)
+        result["frontend_hop"] = frontend_hop(result["service_frontend"], result["service"])
+        (out / "frontend-hop.json").write_text(json.dumps(result["frontend_hop"], indent=2))
+        print(hop_table(result["frontend_hop"]), flush=True)
     stem = f"bench-{'quick' if cfg.quick else 'gpu'}"
     try:
         result["check"] = check_outputs(model, w, result["service"], cfg)
@@ -833,6 +880,114 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
     (out / "decode-profile.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(table)
+    return res
+
+
+def engine_traffic(model: str, out: Path, cfg: BenchConfig | None = None) -> dict:
+    """The real-traffic rows (sampled and greedy streams, prompts of 100-1,000 tokens, 256 new, all at once) run
+    in-process on the Engine with the shipped engine config, no Ray or gRPC: set beside the service's rows, the
+    difference is the serving layer's. Records every engine step's wall time by kind (pipelined: launched on the
+    device's own tokens; full: with prefill or host-chosen tokens), and a cProfile of the model thread during a
+    second sampled run (where the host's time per step goes)."""
+    import cProfile
+    import io
+    import pstats
+
+    from .api.pb import lm_pb2
+    from .api.validation import generation_params
+    from .engine.config import EngineConfig
+    from .engine.engine import Engine
+    from .serve.launch import load_config
+
+    cfg = cfg or BenchConfig(model=model)
+    args = dict(load_config()["applications"][0]["args"])
+    for key in ("auth", "frontend"):
+        args.pop(key, None)
+    args["model"] = {**args["model"], "model": model}
+    for section, values in cfg.engine.items():
+        args.setdefault(section, {}).update(values)
+    engine = Engine(EngineConfig.from_dict(args))
+    sched = engine.scheduler
+    steps: list[tuple[str, int, float]] = []  # (kind, running sequences, seconds)
+    step = sched.step
+
+    def timed_step():
+        kind = "pipelined" if sched._pending is not None else "full"
+        n = len(sched.running)
+        t = time.perf_counter()
+        try:
+            return step()
+        finally:
+            steps.append((kind, n, time.perf_counter() - t))
+
+    sched.step = timed_step
+    profiler = None
+    gen_step = engine._generation_step
+
+    def profiled_step():
+        if profiler is None:
+            return gen_step()
+        profiler.enable()
+        try:
+            return gen_step()
+        finally:
+            profiler.disable()
+
+    engine._generation_step = profiled_step
+
+    async def run(reqs) -> dict:
+        ttft, itl, tokens = [], [], 0
+
+        async def one(r):
+            nonlocal tokens
+            t = last = time.perf_counter()
+            first = True
+            async for chunk, _ in engine.generate(list(r.token_ids), generation_params(r.parameters, engine.cfg.limits)):
+                now = time.perf_counter()
+                k = len(chunk.token_ids)
+                if first:
+                    ttft.append(now - t)
+                    first = False
+                elif k:
+                    itl.extend([(now - last) / k] * k)
+                last, tokens = now, tokens + k
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(r) for r in reqs))
+        dt = time.perf_counter() - t0
+        return {"streams": len(reqs), "seconds": dt, "tokens": tokens, "tokens_per_s": tokens / dt,
+                "ttft_s": _lat(ttft), "itl_s": _lat(itl)}
+
+    def by_kind() -> dict:
+        res = {}
+        for kind in ("pipelined", "full"):
+            xs = sorted(d for k, _, d in steps if k == kind)
+            if xs:
+                res[kind] = {"steps": len(xs), "mean_ms": 1000 * sum(xs) / len(xs), "p50_ms": 1000 * xs[len(xs) // 2],
+                             "p99_ms": 1000 * xs[int(0.99 * (len(xs) - 1))], "total_s": sum(xs)}
+        return res
+
+    n = cfg.traffic_streams or 64
+    res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "rows": {}}
+    tok = engine.lm.tokenizer
+    try:
+        asyncio.run(run(traffic_requests(lm_pb2, tok, None, 4, True, cfg, seed=9)))  # warm-up
+        for kind in ("sampled", "greedy"):
+            steps.clear()
+            row = asyncio.run(run(traffic_requests(lm_pb2, tok, None, n, kind == "sampled", cfg)))
+            row["engine_steps"] = by_kind()
+            res["rows"][f"{kind} {n}"] = row
+            print(f"engine {kind} {n}:", json.dumps(row), flush=True)
+        profiler = cProfile.Profile()
+        asyncio.run(run(traffic_requests(lm_pb2, tok, None, n, True, cfg)))
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    finally:
+        engine.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine-traffic.json").write_text(json.dumps(res, indent=2))
+    (out / "engine-traffic-profile.txt").write_text(text.getvalue())
+    print(text.getvalue()[:6000])
     return res
 
 

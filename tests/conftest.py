@@ -62,9 +62,9 @@ def run(coro):
     return _LOOP.run_until_complete(coro)
 
 
-def looping(address: str, stop, codes, n: int, call) -> list:
+def looping(address: str, stop, codes, n: int, call, details: list | None = None) -> list:
     """n started threads, each with its own Client repeating `call(client)` until `stop` is set; codes counts
-    the outcomes (OK or the gRPC status code's name)."""
+    the outcomes (OK or the gRPC status code's name), `details` collects the failures' messages."""
     import threading
 
     import grpc
@@ -79,6 +79,8 @@ def looping(address: str, stop, codes, n: int, call) -> list:
                     codes["OK"] += 1
                 except grpc.RpcError as e:
                     codes[e.code().name] += 1
+                    if details is not None:
+                        details.append(e.details())
 
     threads = [threading.Thread(target=load, daemon=True) for _ in range(n)]
     for t in threads:
@@ -86,13 +88,26 @@ def looping(address: str, stop, codes, n: int, call) -> list:
     return threads
 
 
-def looping_streams(address: str, stop, codes, n: int, timeout: float = 60) -> list:
-    """n threads streaming 64-token generations until `stop` is set."""
+def looping_streams(address: str, stop, codes, n: int, timeout: float = 60, retry=None, details=None) -> list:
+    """n threads streaming 64-token generations until `stop` is set (with `retry`, a RetryPolicy, if given)."""
     def stream(c):
+        if retry is not None:
+            c.retry = retry
         for _ in c.generate_stream("서울의 봄은", max_new_tokens=64, ignore_eos=True, timeout=timeout):
             pass
 
-    return looping(address, stop, codes, n, stream)
+    return looping(address, stop, codes, n, stream, details)
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of one metric in a Prometheus text scrape whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series, value = line.rsplit(" ", 1)
+            if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(value)
+    return total
 
 
 def replica_pids() -> list[str]:

@@ -12,7 +12,7 @@ from conftest import run
 from service.engine import batching
 from service.engine.batching import ScoreBatcher
 from service.engine.config import BatchConfig
-from service.engine.engine import ScoreOptions
+from service.engine.engine import HEAVY_WORK, ScoreOptions
 from service.engine.errors import InvalidRequest, QueueFull
 from service.engine.generation import GenerationParams, Sequence
 from service.engine.scheduler import Scheduler
@@ -65,6 +65,29 @@ async def _held_back(gate: _Gate, coros: list) -> tuple[list, list]:
     refused = [c for c in calls if c.done()]
     gate.open.set()
     return refused, await asyncio.gather(*calls, return_exceptions=True)
+
+
+def test_small_calls_never_wait_behind_heavy_tokenizer_work(engine_fp32):
+    """While heavy work (a 190,000-character Tokenize, a Score's token details) holds its lane, small tokenizing
+    work still runs: a small Score and one with a context of HEAVY_WORK characters both complete, and heavy work queued
+    behind the held one waits (before, one tokenizer thread held every small call 0.6-0.7 s behind a big one)."""
+    gate = _Gate(lambda: "heavy")
+
+    async def go():
+        held = asyncio.ensure_future(engine_fp32.on_tokenizer_thread(gate, size=HEAVY_WORK + 1))
+        behind = asyncio.ensure_future(engine_fp32.on_tokenizer_thread(lambda: "behind", size=HEAVY_WORK + 1))
+        while gate.calls == 0:
+            await asyncio.sleep(0.01)
+        small = await asyncio.wait_for(engine_fp32.score([("서울의 봄은", " 벚꽃")], ScoreOptions()), 30)
+        long_context = "봄 " * (HEAVY_WORK // 2 - 8)  # the most a small call holds: HEAVY_WORK characters
+        rolling = await asyncio.wait_for(engine_fp32.score([(long_context, " 벚꽃")], ScoreOptions(truncate=True)), 60)
+        waiting = not held.done() and not behind.done()
+        gate.open.set()
+        return small, rolling, waiting, await held, await behind
+
+    small, rolling, waiting, h, b = run(go())
+    assert math.isfinite(small[0].logprob) and rolling[0].truncated_tokens > 0
+    assert waiting and (h, b) == ("heavy", "behind")
 
 
 def test_score_is_refused_before_it_is_tokenized(engine_fp32, monkeypatch):

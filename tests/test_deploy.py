@@ -93,7 +93,7 @@ def test_serve_config_is_valid_for_ray():
     assert app.import_path == "service.serve.app:build_app"
     assert schema.grpc_options.port == 9000
     assert "polyglot.v1.lm_pb2_grpc.add_LanguageModelServicer_to_server" in schema.grpc_options.grpc_servicer_functions
-    dep = app.deployments[0]
+    dep = next(d for d in app.deployments if d.name == "LanguageModel")
     assert dep.max_ongoing_requests >= 256  # Serve's default of 5 would cap a batch at 5
     assert dep.ray_actor_options.num_gpus == 1
     # A stopping replica's streams finish first: the longest the limits allow, at the slowest ~9 tokens/s measured.
@@ -154,7 +154,7 @@ def test_rayservice_upgrades_probes_ports_and_storage():
     # Old clusters outlive the longest stream the limits allow: 1,024 tokens at the slowest ~9 tokens/s measured.
     assert spec["rayClusterDeletionDelaySeconds"] >= load_config()["applications"][0]["args"]["limits"]["max_new_tokens"] / 9
     (group,) = cluster["workerGroupSpecs"]
-    max_replicas = load_config()["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"]
+    max_replicas = next(d for d in load_config()["applications"][0]["deployments"] if d["name"] == "LanguageModel")["autoscaling_config"]["max_replicas"]
     assert group["maxReplicas"] == max_replicas  # one GPU pod per replica
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     grpc_port = load_config()["grpc_options"]["port"]
@@ -251,7 +251,7 @@ def test_grafana_dashboard_uses_only_exported_metrics():
     # Ray's health gauge (a replica-tagged series of ours outlives its dead replica).
     lat = [e for e in exprs if "request_latency_seconds_bucket" in e]
     assert lat and all("by (le, method)" in e for e in lat)
-    assert any("ray_serve_deployment_replica_healthy" in e for e in exprs)
+    assert any("ray_serve_deployment_replica_healthy" in e and 'deployment=\"LanguageModel\"' in e for e in exprs)  # not Frontend
     assert not any("count by (replica)" in e for e in exprs)
 
 

@@ -36,7 +36,7 @@ def override(
     """A copy of a Serve config with the launch-time settings applied (the single application)."""
     cfg = copy.deepcopy(cfg)
     app = cfg["applications"][0]
-    dep = app["deployments"][0]
+    dep = next(d for d in app["deployments"] if d["name"] == "LanguageModel")
     if model is not None:
         # Replicas do not share the launcher's working directory: pass local paths absolute.
         app["args"]["model"]["model"] = os.path.abspath(model) if os.path.isdir(model) else model

@@ -715,6 +715,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="engine setting for the service under test, e.g. model.cudnn_attention=true (repeatable)")
     ap.add_argument("--profile-decode", action="store_true", help="GPU: time and profile the decode step only")
     ap.add_argument("--decode-prompt", type=int, default=32, help="--profile-decode: tokens in each row's cache")
+    ap.add_argument("--attention-sweep", action="store_true",
+                    help="GPU: the fused decode attention alone at the real-traffic shape, over its launch settings")
     ap.add_argument("--engine-traffic", action="store_true",
                     help="the real-traffic rows in-process on the Engine (no Ray, no gRPC), with step times and a "
                          "cProfile of the model thread")
@@ -731,6 +733,8 @@ def main(argv: list[str] | None = None) -> dict:
         return autoscale_run(_gpu_model(args.model), Path(args.out), max_replicas=max(2, torch.cuda.device_count()))
     if args.profile_decode:
         return profile_decode(_gpu_model(args.model), Path(args.out), prompt_len=args.decode_prompt)
+    if args.attention_sweep:
+        return attention_sweep(Path(args.out))
     if args.engine_traffic:
         if args.quick:
             from .engine.tiny import ensure
@@ -880,6 +884,71 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
     (out / "decode-profile.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(table)
+    return res
+
+
+def attention_sweep(out: Path, heads: int = 16, head_dim: int = 256, iters: int = 30) -> dict:
+    """The fused decode attention alone (engine/fused.py) at serving shapes: rows x key counts drawn per row
+    (1 to 128 rows; the real-traffic 100-1,256 keys in the 2,048-position bucket, 100-1,000 in the 1,024 one), for
+    split counts, key blocks, warp counts and load orders: microseconds per layer and the bandwidth its key and
+    value reads reach (what the kernel is bound by). Each case also times the launch settings the engine picks."""
+    from .engine import fused
+
+    dev = torch.device("cuda")
+    window = 2048
+    cases = [(1, 100, 1256, 2048), (8, 100, 1256, 2048), (64, 100, 1256, 2048), (64, 100, 1000, 1024),
+             (128, 100, 1256, 2048), (64, 20, 160, 256)]
+    res: dict = {"device": torch.cuda.get_device_name(0), "cases": []}
+    kc, vc = (torch.randn(heads, 128 * window, head_dim, dtype=torch.float16, device=dev) for _ in range(2))
+
+    def timed(*args, **kw) -> float:
+        """GPU microseconds per call, `iters` calls replayed from one CUDA graph as the engine's decode step runs
+        them (timed eagerly, small calls would measure Python's launch overhead instead)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fused.decode_attention(*args, **kw)  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(iters):
+                fused.decode_attention(*args, **kw)
+        g.replay()
+        _sync()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        _sync()
+        return e0.elapsed_time(e1) / iters * 1000
+
+    for rows, lo, hi, tmax in cases:
+        rng = random.Random(rows)
+        lens = [rng.randint(lo, hi) for _ in range(rows)]
+        q = torch.randn(rows, heads, 1, head_dim, dtype=torch.float16, device=dev)
+        start = torch.tensor([i * window for i in range(rows)], device=dev)
+        pos = torch.tensor([n - 1 for n in lens], device=dev)
+        read = sum(lens) * heads * head_dim * 2 * 2  # bytes of keys and values
+        case = {"rows": rows, "keys": [lo, hi], "tmax": tmax, "runs": []}
+        for splits in (1, 2, 4, 8, 16):
+            for block_t in (64, 128):
+                for warps in (2, 4):
+                    us = timed(q, kc, vc, start, pos, tmax, splits=splits, block_t=block_t, num_warps=warps)
+                    case["runs"].append({"splits": splits, "block_t": block_t, "warps": warps, "us": us,
+                                         "tb_per_s": read / us / 1e6})
+        us = timed(q, kc, vc, start, pos, tmax)
+        splits, block_t, warps = fused.attention_launch(rows * heads, tmax, dev)
+        case["engine_default"] = {"splits": splits, "block_t": block_t, "warps": warps, "us": us,
+                                  "tb_per_s": read / us / 1e6}
+        # The settings before this sweep: splits for the multiprocessors only, 4 warps.
+        old = max(1, min(-(-fused._sms(dev) // (rows * heads)), tmax // 256, 32))
+        us = timed(q, kc, vc, start, pos, tmax, splits=old, num_warps=4)
+        case["before"] = {"splits": old, "warps": 4, "us": us, "tb_per_s": read / us / 1e6}
+        case["best"] = min(case["runs"], key=lambda r: r["us"])
+        res["cases"].append(case)
+        print(json.dumps({k: case[k] for k in ("rows", "keys", "tmax", "best", "engine_default", "before")}), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention-sweep.json").write_text(json.dumps(res, indent=2))
     return res
 
 

@@ -143,30 +143,41 @@ if triton is not None:
 _SMS: dict[int, int] = {}
 
 
-def attention_splits(rows: int, tmax: int, device: torch.device) -> int:
-    """How many programs share one (row, head)'s keys: enough that rows x splits give every multiprocessor one,
-    each program keeping at least 256 keys. Measured on an H100 (5.8B shape, 16 heads of 256): at batch 1 and
-    2,000 keys 8 splits run the attention ~3x faster than 2; from batch 8 on, splitting gains little."""
-    if device.type != "cuda":
-        return 1
+def _sms(device: torch.device) -> int:
     if device.index not in _SMS:
         _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-_SMS[device.index] // rows)
-    return max(1, min(want, tmax // 256, 32))
+    return _SMS[device.index]
+
+
+def attention_launch(rows: int, tmax: int, device: torch.device) -> tuple[int, int, int]:
+    """(splits, key block, warps) of the decode attention for `rows` (batch rows x heads) programs over at most
+    tmax keys, from `python -m service.bench --attention-sweep` on an H200 (5.8B shape, 16 heads of 256, each
+    call timed inside a CUDA graph as the engine runs it; deploy/bench/attention-sweep-h200.json):
+    - fewer programs than multiprocessors (batch 1-8): each row's keys split 16 ways in blocks of 128, 4 warps
+      (batch 1, 100-1,256 keys: 8.8 us per layer against 12.7 with 8 splits of 64; batch 8: 30.6 against 48.6
+      with 2);
+    - more (batch 16 up): 4 splits of blocks of 64, 2 warps (batch 64, real-traffic lengths: 186 us against 243
+      with one split of 4 warps, 3.45 TB/s of keys and values; 128 rows: 397 against 472); rows of different
+      lengths otherwise leave multiprocessors idle behind the longest.
+    Each split keeps at least one block of keys."""
+    if device.type != "cuda":
+        return 1, 64, 4
+    if rows < _sms(device):
+        return max(1, min(16, tmax // 128)), 128, 4
+    return max(1, min(4, tmax // 256)), 64, 2
 
 
 def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: torch.Tensor,
-                     pos: torch.Tensor, tmax: int, splits: int | None = None, block_t: int = 64,
-                     num_warps: int = 4) -> torch.Tensor:
+                     pos: torch.Tensor, tmax: int, splits: int | None = None, block_t: int | None = None,
+                     num_warps: int | None = None) -> torch.Tensor:
     """q [B, H, 1, hd] of the token at position pos[b] of row b's sequence, whose keys and values sit at
     kcache/vcache [H, P, hd][:, start[b] + 0..pos[b]]; tmax bounds pos + 1. Returns [B, H, 1, hd], scaled by
-    1/sqrt(hd) like SDPA's default. A row's keys are split over `splits` programs (flash-decoding) when there
-    are too few rows and heads to keep the GPU busy (default: attention_splits). Blocks of 64 keys with 4 warps
-    measured fastest on an H100 (batch 64, 1,000 keys: 400 us per layer against 637 with blocks of 32; 8 warps
-    slower)."""
+    1/sqrt(hd) like SDPA's default. A row's keys are split over `splits` programs (flash-decoding) of
+    `num_warps` warps, each looping over blocks of `block_t` keys (defaults: attention_launch)."""
     B, H, _, hd = q.shape
     out = torch.empty_like(q)  # [B, H, 1, hd]
-    splits = splits or attention_splits(B * H, tmax, q.device)
+    auto = attention_launch(B * H, tmax, q.device)
+    splits, block_t, num_warps = splits or auto[0], block_t or auto[1], num_warps or auto[2]
     chunk = -(-tmax // (splits * block_t)) * block_t  # keys per split, a whole number of blocks
     if splits == 1:  # the kernel writes the output directly; the partial-sum pointers are unused
         po, ml = out, (out, out)

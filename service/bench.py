@@ -890,7 +890,7 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
 def attention_sweep(out: Path, heads: int = 16, head_dim: int = 256, iters: int = 30) -> dict:
     """The fused decode attention alone (engine/fused.py) at serving shapes: rows x key counts drawn per row
     (1 to 128 rows; the real-traffic 100-1,256 keys in the 2,048-position bucket, 100-1,000 in the 1,024 one), for
-    split counts, key blocks, warp counts and load orders: microseconds per layer and the bandwidth its key and
+    split counts, key blocks and warp counts: microseconds per layer and the bandwidth its key and
     value reads reach (what the kernel is bound by). Each case also times the launch settings the engine picks."""
     from .engine import fused
 
@@ -966,28 +966,23 @@ def engine_traffic(model: str, out: Path, cfg: BenchConfig | None = None) -> dic
     from .api.validation import generation_params
     from .engine.config import EngineConfig
     from .engine.engine import Engine
-    from .serve.launch import load_config
+    from .serve.app import split_args
+    from .serve.launch import load_config, override
 
     cfg = cfg or BenchConfig(model=model)
-    args = dict(load_config()["applications"][0]["args"])
-    for key in ("auth", "frontend"):
-        args.pop(key, None)
-    args["model"] = {**args["model"], "model": model}
-    for section, values in cfg.engine.items():
-        args.setdefault(section, {}).update(values)
+    args, _, _ = split_args(override(load_config(), model=model, engine=cfg.engine)["applications"][0]["args"])
     engine = Engine(EngineConfig.from_dict(args))
     sched = engine.scheduler
-    steps: list[tuple[str, int, float]] = []  # (kind, running sequences, seconds)
+    steps: list[tuple[str, float]] = []  # (kind, seconds)
     step = sched.step
 
     def timed_step():
         kind = "pipelined" if sched._pending is not None else "full"
-        n = len(sched.running)
         t = time.perf_counter()
         try:
             return step()
         finally:
-            steps.append((kind, n, time.perf_counter() - t))
+            steps.append((kind, time.perf_counter() - t))
 
     sched.step = timed_step
     profiler = None
@@ -1030,10 +1025,10 @@ def engine_traffic(model: str, out: Path, cfg: BenchConfig | None = None) -> dic
     def by_kind() -> dict:
         res = {}
         for kind in ("pipelined", "full"):
-            xs = sorted(d for k, _, d in steps if k == kind)
+            xs = [d for k, d in steps if k == kind]
             if xs:
-                res[kind] = {"steps": len(xs), "mean_ms": 1000 * sum(xs) / len(xs), "p50_ms": 1000 * xs[len(xs) // 2],
-                             "p99_ms": 1000 * xs[int(0.99 * (len(xs) - 1))], "total_s": sum(xs)}
+                res[kind] = {"steps": len(xs), "mean_ms": 1000 * sum(xs) / len(xs), "p50_ms": 1000 * _pct(xs, 0.5),
+                             "p99_ms": 1000 * _pct(xs, 0.99), "total_s": sum(xs)}
         return res
 
     n = cfg.traffic_streams or 64

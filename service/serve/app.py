@@ -251,6 +251,13 @@ class LanguageModelServer:
 IMPORT_PATH = "service.serve.app:build_app"
 
 
+def split_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict | None, bool]:
+    """The application's `args` as (engine configuration, "auth" section or None, whether "frontend" is on)."""
+    args = dict(args)
+    auth = args.pop("auth", None)
+    return args, auth, bool(args.pop("frontend", False))
+
+
 def build_app(args: dict[str, Any], deployments: dict[str, dict] | None = None) -> serve.Application:
     """Application builder named in the Serve config (`import_path: service.serve.app:build_app`);
     `args` is the engine configuration ({"model": {...}, "limits": {...}, "batch": {...}, "generation": {...}})
@@ -260,9 +267,7 @@ def build_app(args: dict[str, Any], deployments: dict[str, dict] | None = None) 
     at a measured cost (H200: 64 streams 4,358 tokens/s through it against 7,796 direct), so it is off by default.
     `deployments`: the config's deployment options by name, applied here when the launcher deploys through
     serve.run (Serve applies them itself when it deploys the config file, as KubeRay does)."""
-    args = dict(args)
-    auth = args.pop("auth", None)
-    with_frontend = args.pop("frontend", False)
+    args, auth, with_frontend = split_args(args)
     EngineConfig.from_dict(args)  # fail at deploy time on a bad config, not in every replica
     deployment = LanguageModelServer
     options = dict((deployments or {}).get("LanguageModel", {}))

@@ -16,6 +16,9 @@ TIE = 0.08
 """Largest logit gap below transformers' best token accepted as an fp16 near-tie (greedy decoding). Measured on an
 H200 (2026-12-01, 5.8B-shape nf4, ~10,000 tokens of the GPU suite): at most 0.012; the CUDA-graph capture bug of
 commit 477265c put a token 2.9 below."""
+TIE_INT8 = 0.5
+"""The same with an int8 KV cache (generation.kv_cache_dtype): its rounding, half a step of each vector's own range,
+moves near-ties further than fp16 rounding does; a cache read without its scales put tokens 2.9 below (tiny model)."""
 
 
 @torch.inference_mode()

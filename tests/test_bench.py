@@ -56,8 +56,10 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
         assert g["tokens"] == int(c) * 8  # ignore_eos + min_new_tokens: every stream ran to the end
         assert g["ttft_s"]["p50"] > 0
     assert s["score_pairs"]["mean_batch_pairs"] > 1
-    for k in ("raw_forward", "hflm", "generate"):
+    for k in ("raw_forward", "hflm", "generate", "traffic"):
         assert k in b
+    for name, g in b["traffic"].items():  # transformers on the real-traffic rows' own requests
+        assert g["streams"] == 4 and g["tokens"] == 4 * 16 and g["sampled"] == name.startswith("sampled"), name
     assert b["hflm"]["pairs"]["tokens_per_s"] > 0 and b["hflm"]["mc"]["tokens_per_s"] > 0
     assert r["check"]["checked_streams"] >= 4 and not r["check"]["problems"]  # the run checked its own outputs
     for name, g in s["traffic"].items():  # sampled and greedy streams of mixed prompt lengths
@@ -71,4 +73,5 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
     assert isinstance(ol["meets_goal"], bool)
     md = (tmp_path / "bench-quick.md").read_text()
     assert "| Score, independent pairs (tokens/s) |" in md and "ratio" in md
+    assert "mixed prompt lengths (tokens/s) | " in md and "same requests |" in md
     assert "| Score flood + sampled streams at once |" in md and "| offered (requests/s) |" in md and "Goodput" in md

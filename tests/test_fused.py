@@ -41,8 +41,27 @@ CHECK = textwrap.dedent("""
         keys = base[:, None] + torch.arange(L)[None]
         mask = (torch.arange(L)[None] <= pos[:, None])[:, None, None]
         ref = F.scaled_dot_product_attention(q, kc[:, keys].transpose(0, 1), vc[:, keys].transpose(0, 1), attn_mask=mask)
-        got = fused.decode_attention(q, kc, vc, base, pos, L, splits=splits, block_t=block)
-        assert (got - ref).abs().max().item() < 1e-5, (B, splits, block)
+        for dot in (False, True):  # CUDA-core and tensor-core kernels
+            got = fused.decode_attention(q, kc, vc, base, pos, L, splits=splits, block_t=block, dot=dot)
+            assert (got - ref).abs().max().item() < 1e-5, (B, splits, block, dot)
+
+    # The same kernels over an int8 cache, against kvcache.gather's dequantized values.
+    from service.engine.kvcache import KVCache
+    for B, splits, block in ((3, 1, 16), (3, 16, 16), (2, 4, 32)):
+        H, hd, L = 2, 16, 96
+        cache = KVCache(1, H, B * L + 7, hd, torch.float32, torch.device("cpu"), "int8")
+        cache.store(0, torch.arange(B * L + 7), torch.randn(H, B * L + 7, hd, generator=g) * 3,
+                    torch.randn(H, B * L + 7, hd, generator=g))
+        q = torch.randn(B, H, 1, hd, generator=g)
+        base, pos = torch.arange(B) * L + 7, torch.tensor([90, 3, 40][:B])
+        K, V = cache.gather(0, base[:, None] + torch.arange(L)[None])  # [H, B, L, hd]
+        mask = (torch.arange(L)[None] <= pos[:, None])[:, None, None]
+        ref = F.scaled_dot_product_attention(q, K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask)
+        kc, vc, ks, vs = cache.kernel_args(0)
+        for dot in (False, True):
+            got = fused.decode_attention(q, kc, vc, base, pos, L, splits=splits, block_t=block, kscale=ks, vscale=vs,
+                                         dot=dot)
+            assert (got - ref).abs().max().item() < 1e-5, ("int8", B, splits, block, dot)
 
     prompts = [[5, 17, 99, 3, 250], [42, 7]]
     bases = [64, 0]  # row 0's cache range after row 1's
@@ -51,7 +70,21 @@ CHECK = textwrap.dedent("""
     assert got == ref, (got, ref)
     err = (got_logits - ref_logits).abs().max().item()
     assert err < 1e-4, err
-    print("ok", err)
+
+    # An int8 cache: fused and torch paths quantize alike; both stay near the float32 cache, and differ from it
+    # (a cache that kept float values would not).
+    full_logits = ref_logits
+    runner = NeoxRunner(model, max_slots=2, max_len=64, use_graphs=False, kv_dtype="int8")
+    assert runner.kv.k[0].dtype == torch.int8
+    assert runner.fused_problem(tol=1e-5) is None, runner.fused_problem(tol=1e-5)
+    runner.fused = False
+    ref8, ref8_logits = greedy(False, prompts)
+    got8, got8_logits = greedy(True, prompts)
+    err8 = (got8_logits - ref8_logits).abs().max().item()
+    assert got8 == ref8 and err8 < 1e-3, (got8, ref8, err8)
+    rel = ((ref8_logits - full_logits).norm() / full_logits.norm()).item()
+    assert 1e-6 < rel < 0.05, rel
+    print("ok", err, err8, rel)
 """)
 
 

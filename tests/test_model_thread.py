@@ -31,18 +31,18 @@ def test_warm_up_steps_touch_only_the_scratch_window(engine_fp32):
     runner.prefill_new(bases, prompts)
     runner.decode([7, 9], [len(p) for p in prompts], bases)  # live rows: inputs now point into their ranges
     pool = runner.kv_tokens
-    before_k = [k[:, :pool].clone() for k in runner.k]
-    before_v = [v[:, :pool].clone() for v in runner.v]
-    scratch = runner.k[0][:, pool:].clone()
+    before_k = [k[:, :pool].clone() for k in runner.kv.k]
+    before_v = [v[:, :pool].clone() for v in runner.kv.v]
+    scratch = runner.kv.k[0][:, pool:].clone()
     inputs = [t.clone() for t in (runner._tok, runner._pos, runner._base, runner._no_eos)]
     runner._warm(4, runner.len_buckets[0])
-    for a, k in zip(before_k, runner.k):
+    for a, k in zip(before_k, runner.kv.k):
         assert torch.equal(a, k[:, :pool])
-    for a, v in zip(before_v, runner.v):
+    for a, v in zip(before_v, runner.kv.v):
         assert torch.equal(a, v[:, :pool])
     for a, t in zip(inputs, (runner._tok, runner._pos, runner._base, runner._no_eos)):
         assert torch.equal(a, t)
-    assert not torch.equal(scratch, runner.k[0][:, pool:])  # the warm-up steps did run, on scratch
+    assert not torch.equal(scratch, runner.kv.k[0][:, pool:])  # the warm-up steps did run, on scratch
 
 
 def test_a_failed_prefill_fails_only_its_sequence(engine_fp32, monkeypatch):

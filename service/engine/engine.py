@@ -87,11 +87,12 @@ class Engine:
         rows, kv_tokens = self._plan_kv()  # after the dense copies: the KV cache gets what they leave
         self.runner = NeoxRunner(self.lm.model, rows, self.window, g.cuda_graphs, g.fused_decode,
                                  eos_id=self.lm.eos_token_id, kv_tokens=kv_tokens, dense=dense,
-                                 choosable=self.lm.tokenizer_size)
+                                 choosable=self.lm.tokenizer_size, kv_dtype=g.kv_cache_dtype)
         self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
-        kv_gib = kv_tokens * NeoxRunner.kv_bytes_per_token(self.lm.model, self.lm.compute_dtype) / 2**30
-        log.info("KV cache: %d token positions (%.1f GiB), up to %d sequences at once", kv_tokens, kv_gib, rows)
+        kv_gib = kv_tokens * self._kv_bytes_per_token() / 2**30
+        log.info("KV cache: %d token positions (%.1f GiB, %s), up to %d sequences at once", kv_tokens, kv_gib,
+                 g.kv_cache_dtype, rows)
         self._gen_running = False  # a generation step is queued or running on the model thread
         self._gen_lock = threading.Lock()
         self._busy_since: float | None = None  # when the model thread's task in progress started
@@ -122,13 +123,16 @@ class Engine:
             return rows, max(g.kv_cache_tokens, self.window)
         if self.lm.device.type != "cuda":
             return rows, rows * self.window
-        per_token = NeoxRunner.kv_bytes_per_token(self.lm.model, self.lm.compute_dtype)
+        per_token = self._kv_bytes_per_token()
         # Measured after the Score warm-up: the allocator keeps that forward's activations cached, so
         # "free" here is what neither the weights nor the largest Score batch need. One more window is
         # allocated beyond the pool, as scratch for the padding rows of the decode graphs.
         free, _ = torch.cuda.mem_get_info(self.lm.device)
         tokens = int(free * g.kv_cache_memory_fraction) // per_token - self.window
         return rows, max(self.window, min(tokens, rows * self.window))
+
+    def _kv_bytes_per_token(self) -> int:
+        return NeoxRunner.kv_bytes_per_token(self.lm.model, self.lm.compute_dtype, self.cfg.generation.kv_cache_dtype)
 
     @property
     def window(self) -> int:

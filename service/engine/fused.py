@@ -8,6 +8,9 @@ CUDA graph these run back to back, so the only way to make them cheaper is to ma
 Attention for one query per sequence is a dot product and a weighted sum over the sequence's cached
 keys, up to its own position only: one small kernel, where the library kernels (flash, memory-efficient,
 cuDNN) are built for long queries and took 17 us per layer here (cuDNN).
+Past a batch of one, that attention runs both of its products on tensor cores (the query as one row of a
+16-row tile): the multiply-and-reduce on CUDA cores, not the cache's bytes, had bounded it (64 rows: 158 us per
+layer against 187).
 The torch code they replace stays the reference (NeoxForward._rope, nn.LayerNorm, scaled_dot_product_attention)
 and the CPU path.
 """
@@ -28,12 +31,13 @@ if triton is not None:
 
     @triton.jit
     def _rope_store_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, start_ptr, pos_ptr, k_ptr, v_ptr, q_ptr,
-        stride_qkv, stride_cs, stride_kh, stride_kt,
-        H: tl.constexpr, HD: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr,
+        qkv_ptr, cos_ptr, sin_ptr, start_ptr, pos_ptr, k_ptr, v_ptr, q_ptr, ks_ptr, vs_ptr,
+        stride_qkv, stride_cs, stride_kh, stride_kt, stride_sh,
+        H: tl.constexpr, HD: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
     ):
         """Program (b, h): rotate q and k of row b, head h at position pos[b]; q to q_ptr [B, H, HD],
-        k and v to the cache at [h, start[b] + pos[b]]."""
+        k and v to the cache at [h, start[b] + pos[b]]. QUANT: the cache is int8, each vector stored as
+        round(x / scale) with scale = max|x| / 127 at ks_ptr/vs_ptr [h, start[b] + pos[b]] (engine/kvcache.py)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         HALF: tl.constexpr = ROT // 2
@@ -53,10 +57,24 @@ if triton is not None:
         k = tl.load(head + HD + i, mask=m, other=0.0).to(tl.float32)
         kp = tl.load(head + HD + partner, mask=m, other=0.0).to(tl.float32)
         v = tl.load(head + 2 * HD + i, mask=m, other=0.0)
-        cache = h * stride_kh + (tl.load(start_ptr + b) + pos) * stride_kt
+        at = tl.load(start_ptr + b) + pos
+        cache = h * stride_kh + at * stride_kt
         tl.store(q_ptr + (b * H + h) * HD + i, (q * c + qp * s).to(q_ptr.dtype.element_ty), mask=m)
-        tl.store(k_ptr + cache + i, (k * c + kp * s).to(k_ptr.dtype.element_ty), mask=m)
-        tl.store(v_ptr + cache + i, v, mask=m)
+        kr = k * c + kp * s
+        if QUANT:
+            vf = v.to(tl.float32)
+            # Masked lanes hold 0: they never raise the maximum. Rounding as kvcache.quantize: floor(x + 0.5).
+            k_sc = tl.maximum(tl.max(tl.abs(kr), axis=0), 1e-8) / 127.0
+            v_sc = tl.maximum(tl.max(tl.abs(vf), axis=0), 1e-8) / 127.0
+            kq = tl.minimum(tl.maximum(tl.floor(kr / k_sc + 0.5), -127.0), 127.0)
+            vq = tl.minimum(tl.maximum(tl.floor(vf / v_sc + 0.5), -127.0), 127.0)
+            tl.store(k_ptr + cache + i, kq.to(tl.int8), mask=m)
+            tl.store(v_ptr + cache + i, vq.to(tl.int8), mask=m)
+            tl.store(ks_ptr + h * stride_sh + at, k_sc)
+            tl.store(vs_ptr + h * stride_sh + at, v_sc)
+        else:
+            tl.store(k_ptr + cache + i, kr.to(k_ptr.dtype.element_ty), mask=m)
+            tl.store(v_ptr + cache + i, v, mask=m)
 
     @triton.jit
     def _dual_layernorm_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, o1_ptr, o2_ptr, eps,
@@ -80,16 +98,19 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, start_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale,
-                                 stride_kh, stride_kt,
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, start_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale,
+                                 stride_kh, stride_kt, stride_sh,
                                  H: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 SPLITS: tl.constexpr, CHUNK: tl.constexpr, EXACT_BOUND: tl.constexpr):
+                                 SPLITS: tl.constexpr, CHUNK: tl.constexpr, EXACT_BOUND: tl.constexpr,
+                                 QUANT: tl.constexpr):
         """Program (b, h, s): softmax(q . K * scale) @ V over keys [s*CHUNK, (s+1)*CHUNK) ∩ [0, pos] of row b,
         head h (its keys start at start[b] in the cache), with an online softmax over blocks of BLOCK_T keys (fp32
         throughout). One split: the normalized output to o_ptr [B, H, HD]. Several: the unnormalized sum to
         o_ptr [B, H, SPLITS, HD] and its running max and denominator to m_ptr, l_ptr [B, H, SPLITS], for
         _combine_kernel. The loop stops after the block holding pos; where the bound cannot be a runtime value
-        (Triton's CPU interpreter) it covers CHUNK keys, the rest masked."""
+        (Triton's CPU interpreter) it covers CHUNK keys, the rest masked. QUANT: keys and values are int8 with one
+        scale per key at ks_ptr/vs_ptr [h, start[b] + t]; the scales multiply the scores and the softmax weights,
+        not the [BLOCK_T, HD] blocks."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -98,7 +119,9 @@ if triton is not None:
         q = tl.load(q_ptr + (b * H + h) * HD + d, mask=dm, other=0.0).to(tl.float32) * scale  # [BD]
         lo = sp * CHUNK
         hi = tl.minimum(tl.load(pos_ptr + b) + 1, lo + CHUNK)  # keys lo..hi-1 (none if hi <= lo)
-        base = h * stride_kh + tl.load(start_ptr + b) * stride_kt
+        start = tl.load(start_ptr + b)
+        base = h * stride_kh + start * stride_kt
+        sbase = h * stride_sh + start
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -107,13 +130,20 @@ if triton is not None:
             tm = t < hi
             off = base + t[:, None] * stride_kt + d[None, :]  # [BT, BD]
             k = tl.load(k_ptr + off, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            s = tl.where(tm, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [BT]
+            dot = tl.sum(k * q[None, :], axis=1)  # [BT]
+            if QUANT:
+                dot = dot * tl.load(ks_ptr + sbase + t, mask=tm, other=0.0)
+            s = tl.where(tm, dot, float("-inf"))  # [BT]
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no key (interpreter): no NaN
             p = tl.exp(s - m_ref)
             alpha = tl.exp(m_i - m_ref)
             v = tl.load(v_ptr + off, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            if QUANT:
+                pv = p * tl.load(vs_ptr + sbase + t, mask=tm, other=0.0)  # [BT]
+            else:
+                pv = p
+            acc = acc * alpha + tl.sum(pv[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
         if SPLITS == 1:
@@ -123,6 +153,65 @@ if triton is not None:
             tl.store(o_ptr + row * HD + d, acc, mask=dm)
             tl.store(m_ptr + row, m_i)
             tl.store(l_ptr + row, l_i)
+
+    @triton.jit
+    def _decode_attention_dot_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, start_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
+                                     scale, stride_kh, stride_kt, stride_sh,
+                                     H: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                                     SPLITS: tl.constexpr, CHUNK: tl.constexpr, EXACT_BOUND: tl.constexpr,
+                                     QUANT: tl.constexpr):
+        """_decode_attention_kernel's work and outputs with both products on tensor cores (tl.dot): the query is
+        row 0 of a [16, BLOCK_D] tile whose other rows are zero (tl.dot's smallest M), so each block of keys costs
+        two small matrix products instead of the [BLOCK_T, BLOCK_D] multiply-and-reduce on the CUDA cores that
+        bounds the other kernel, above all for int8, where it is the same work on half the bytes. Keys and values
+        go to the tensor cores in the query's dtype (int8 converted); the softmax weights are rounded to it too,
+        as flash attention does."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < HD
+        r = tl.arange(0, 16)
+        q = tl.load(q_ptr + (b * H + h) * HD + d, mask=dm, other=0.0)  # [BD]
+        qt = tl.where(r[:, None] == 0, q[None, :].to(tl.float32) * scale, 0.0).to(q.dtype)  # [16, BD]
+        lo = sp * CHUNK
+        hi = tl.minimum(tl.load(pos_ptr + b) + 1, lo + CHUNK)
+        start = tl.load(start_ptr + b)
+        base = h * stride_kh + start * stride_kt
+        sbase = h * stride_sh + start
+        m_i = tl.full((16,), float("-inf"), tl.float32)
+        l_i = tl.zeros((16,), dtype=tl.float32)
+        acc = tl.zeros((16, BLOCK_D), dtype=tl.float32)
+        for i0 in range(0, hi - lo if EXACT_BOUND else CHUNK, BLOCK_T):
+            t = lo + i0 + tl.arange(0, BLOCK_T)
+            tm = t < hi
+            off = base + t[:, None] * stride_kt + d[None, :]  # [BT, BD]
+            k = tl.load(k_ptr + off, mask=tm[:, None] & dm[None, :], other=0).to(q.dtype)
+            sc = tl.dot(qt, tl.trans(k))  # [16, BT] fp32
+            if QUANT:
+                sc = sc * tl.load(ks_ptr + sbase + t, mask=tm, other=0.0)[None, :]
+            sc = tl.where(tm[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))  # [16]
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(sc - m_ref[:, None])  # [16, BT]
+            alpha = tl.exp(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if QUANT:
+                p = p * tl.load(vs_ptr + sbase + t, mask=tm, other=0.0)[None, :]
+            v = tl.load(v_ptr + off, mask=tm[:, None] & dm[None, :], other=0).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)  # [16, BD]
+            m_i = m_new
+        # Row 0 is the query's.
+        acc0 = tl.sum(tl.where(r[:, None] == 0, acc, 0.0), axis=0)  # [BD]
+        m0 = tl.max(tl.where(r == 0, m_i, float("-inf")), axis=0)
+        l0 = tl.sum(tl.where(r == 0, l_i, 0.0), axis=0)
+        if SPLITS == 1:
+            tl.store(o_ptr + (b * H + h) * HD + d, (acc0 / l0).to(o_ptr.dtype.element_ty), mask=dm)
+        else:
+            row = (b * H + h) * SPLITS + sp
+            tl.store(o_ptr + row * HD + d, acc0, mask=dm)
+            tl.store(m_ptr + row, m0)
+            tl.store(l_ptr + row, l0)
 
     @triton.jit
     def _combine_kernel(po_ptr, m_ptr, l_ptr, o_ptr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -149,35 +238,48 @@ def _sms(device: torch.device) -> int:
     return _SMS[device.index]
 
 
-def attention_launch(rows: int, tmax: int, device: torch.device) -> tuple[int, int, int]:
-    """(splits, key block, warps) of the decode attention for `rows` (batch rows x heads) programs over at most
-    tmax keys, from `python -m service.bench --attention-sweep` on an H200 (5.8B shape, 16 heads of 256, each
-    call timed inside a CUDA graph as the engine runs it; deploy/bench/attention-sweep-h200.json):
-    - fewer programs than multiprocessors (batch 1-8): each row's keys split 16 ways in blocks of 128, 4 warps
-      (batch 1, 100-1,256 keys: 8.8 us per layer against 12.7 with 8 splits of 64; batch 8: 30.6 against 48.6
-      with 2);
-    - more (batch 16 up): 4 splits of blocks of 64, 2 warps (batch 64, real-traffic lengths: 186 us against 243
-      with one split of 4 warps, 3.45 TB/s of keys and values; 128 rows: 397 against 472); rows of different
-      lengths otherwise leave multiprocessors idle behind the longest.
+def attention_launch(rows: int, tmax: int, device: torch.device, int8: bool = False) -> tuple[int, int, int, bool]:
+    """(splits, key block, warps, tensor cores) of the decode attention for `rows` (batch rows x heads) programs over
+    at most tmax keys, from `python -m service.bench --attention-sweep` on an H200 (5.8B shape, 16 heads of 256,
+    rows of 100-1,256 keys unless said, each call timed inside a CUDA graph as the engine runs it; 2026-12-02,
+    deploy/bench/attention-sweep-h200.json), in microseconds per layer:
+    - float16, batch 1: the CUDA-core kernel, 16 splits of 128-key blocks, 4 warps (9.3; tensor cores 10.0);
+    - float16, more rows: the tensor-core kernel, 4 warps; below one program per multiprocessor 8 splits of 32 keys
+      (batch 8: 23.9 against 30.5), above it one split of 64-key blocks (batch 64: 158 against 187, 4.05 TB/s of
+      keys and values; 100-1,000 keys: 136.5 against 167; 128 rows: 344 against 401), of 32 keys for the 256-key
+      bucket (batch 64, 20-160 keys: 30.0 against 38.0);
+    - int8: the CUDA-core kernel (its tensor-core variant is slower: converting the int8 tiles costs more than the
+      halved bytes save), 16 splits of 128 below one program per multiprocessor (batch 8: 25.8), 4 splits of 128
+      and 2 warps above (batch 64: 172.6, so no faster than float16 on tensor cores; 256-key bucket: 64-key blocks).
     Each split keeps at least one block of keys."""
     if device.type != "cuda":
-        return 1, 64, 4
-    if rows < _sms(device):
-        return max(1, min(16, tmax // 128)), 128, 4
-    return max(1, min(4, tmax // 256)), 64, 2
+        return 1, 64, 4, False
+    few = rows < _sms(device)
+    if int8:
+        if few:
+            return max(1, min(16, tmax // 128)), 128, 4, False
+        return max(1, min(4, tmax // 256)), 64 if tmax <= 256 else 128, 2, False
+    if rows <= 16:
+        return max(1, min(16, tmax // 128)), 128, 4, False
+    if few:
+        return max(1, min(8, tmax // 32)), 32, 4, True
+    return 1, 32 if tmax <= 256 else 64, 4, True
 
 
 def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: torch.Tensor,
                      pos: torch.Tensor, tmax: int, splits: int | None = None, block_t: int | None = None,
-                     num_warps: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, kscale: torch.Tensor | None = None,
+                     vscale: torch.Tensor | None = None, dot: bool | None = None) -> torch.Tensor:
     """q [B, H, 1, hd] of the token at position pos[b] of row b's sequence, whose keys and values sit at
     kcache/vcache [H, P, hd][:, start[b] + 0..pos[b]]; tmax bounds pos + 1. Returns [B, H, 1, hd], scaled by
     1/sqrt(hd) like SDPA's default. A row's keys are split over `splits` programs (flash-decoding) of
-    `num_warps` warps, each looping over blocks of `block_t` keys (defaults: attention_launch)."""
+    `num_warps` warps, each looping over blocks of `block_t` keys, on tensor cores if `dot` (defaults:
+    attention_launch). An int8 cache comes with its scales kscale/vscale [H, P] (engine/kvcache.py)."""
     B, H, _, hd = q.shape
     out = torch.empty_like(q)  # [B, H, 1, hd]
-    auto = attention_launch(B * H, tmax, q.device)
+    auto = attention_launch(B * H, tmax, q.device, int8=kscale is not None)
     splits, block_t, num_warps = splits or auto[0], block_t or auto[1], num_warps or auto[2]
+    dot = auto[3] if dot is None else dot
     chunk = -(-tmax // (splits * block_t)) * block_t  # keys per split, a whole number of blocks
     if splits == 1:  # the kernel writes the output directly; the partial-sum pointers are unused
         po, ml = out, (out, out)
@@ -185,10 +287,14 @@ def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor
         po = torch.empty((B, H, splits, hd), dtype=torch.float32, device=q.device)  # partial sums
         ml = torch.empty((2, B, H, splits), dtype=torch.float32, device=q.device)  # running max, denominator
     block_d = triton.next_power_of_2(hd)
-    _decode_attention_kernel[(B, H, splits)](
-        q.contiguous(), kcache, vcache, start, pos, po, ml[0], ml[1], hd ** -0.5, kcache.stride(0), kcache.stride(1),
+    quant = kscale is not None
+    ks, vs = (kscale, vscale) if quant else (ml[0], ml[1])  # unread without QUANT
+    kernel = _decode_attention_dot_kernel if dot else _decode_attention_kernel
+    kernel[(B, H, splits)](
+        q.contiguous(), kcache, vcache, ks, vs, start, pos, po, ml[0], ml[1], hd ** -0.5, kcache.stride(0),
+        kcache.stride(1), ks.stride(0) if quant else 0,
         H=H, HD=hd, BLOCK_D=block_d, BLOCK_T=block_t, SPLITS=splits, CHUNK=chunk,
-        EXACT_BOUND=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps,
+        EXACT_BOUND=os.environ.get("TRITON_INTERPRET") != "1", QUANT=quant, num_warps=num_warps,
     )
     if splits > 1:
         _combine_kernel[(B * H,)](po, ml[0], ml[1], out, HD=hd, BLOCK_D=block_d, SPLITS=splits,
@@ -197,15 +303,19 @@ def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor
 
 
 def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: torch.Tensor, pos: torch.Tensor,
-               kcache: torch.Tensor, vcache: torch.Tensor, heads: int, head_dim: int, rot: int) -> torch.Tensor:
+               kcache: torch.Tensor, vcache: torch.Tensor, heads: int, head_dim: int, rot: int,
+               kscale: torch.Tensor | None = None, vscale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode token per row: qkv [B, H*3*hd] (GPT-NeoX's per-head [q|k|v] layout), cos/sin [L, rot], pos [B].
-    Writes rotated k and v into kcache/vcache [H, P, hd] at [:, start[b] + pos[b]]; returns rotated q [B, H, 1, hd]."""
+    Writes rotated k and v into kcache/vcache [H, P, hd] at [:, start[b] + pos[b]] (int8 caches: quantized, their
+    scales into kscale/vscale [H, P]); returns rotated q [B, H, 1, hd]."""
     B = qkv.shape[0]
     q = torch.empty((B, heads, 1, head_dim), dtype=qkv.dtype, device=qkv.device)  # [B, H, 1, hd]
+    quant = kscale is not None
+    ks, vs = (kscale, vscale) if quant else (q, q)  # unread without QUANT
     _rope_store_kernel[(B, heads)](
-        qkv, cos, sin, start, pos, kcache, vcache, q,
-        qkv.stride(0), cos.stride(0), kcache.stride(0), kcache.stride(1),
-        H=heads, HD=head_dim, ROT=rot, BLOCK=triton.next_power_of_2(head_dim),
+        qkv, cos, sin, start, pos, kcache, vcache, q, ks, vs,
+        qkv.stride(0), cos.stride(0), kcache.stride(0), kcache.stride(1), ks.stride(0) if quant else 0,
+        H=heads, HD=head_dim, ROT=rot, BLOCK=triton.next_power_of_2(head_dim), QUANT=quant,
     )
     return q
 

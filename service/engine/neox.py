@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused
+from .kvcache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -221,32 +222,32 @@ class NeoxRunner(NeoxForward):
     position `base`, then decode(tokens, positions, bases) for all n running sequences at once (batch rows
     0..n-1, up to max_slots), then decode_again() while the same rows go on greedily.
     kv_tokens: positions in the pool (default: a full window per row). choosable: ids the GPU's greedy choice may
-    take (the tokenizer's; the output layer's rows past it are padding), default all."""
+    take (the tokenizer's; the output layer's rows past it are padding), default all. kv_dtype: the cache's
+    storage, "auto" (the model's dtype) or "int8" (engine/kvcache.py)."""
 
     def __init__(self, model: torch.nn.Module, max_slots: int, max_len: int, use_graphs: bool, fused_decode: bool = True,
                  eos_id: int | None = None, kv_tokens: int | None = None,
-                 dense: dict[torch.nn.Module, torch.Tensor] | None = None, choosable: int | None = None):
+                 dense: dict[torch.nn.Module, torch.Tensor] | None = None, choosable: int | None = None,
+                 kv_dtype: str = "auto"):
         super().__init__(model, max_len)
         dev = self.device
         self.choosable = choosable or self.head.weight.shape[0]
-        # Decode steps of more than one row multiply by these dequantized copies of the 4-bit weights
+        # Prefill and decode steps of more than one row multiply by these dequantized copies of the 4-bit weights
         # (dequantized_weights) instead of bitsandbytes' 4-bit GEMM (see GenerationConfig.dequantized_decode).
         self.dense = dense or {}
         self._dense_now = False
         self.eos_id = eos_id
+        self.max_slots = max_slots
+        self.kv_tokens = kv_tokens or max_slots * max_len
+        # Batch rows beyond the running ones (graph buckets are padded) write into a window of their own after the pool.
+        self._scratch = self.kv_tokens
+        self.kv = KVCache(len(self.layers), self.H, self.kv_tokens + max_len, self.hd, self.dtype, dev, kv_dtype)
         self.fused = False
         if fused_decode and dev.type == "cuda":
             problem = self.fused_problem()
             if problem:
                 log.warning("fused decode kernels off, the decode step runs its torch code: %s", problem)
             self.fused = problem is None
-        self.max_slots = max_slots
-        self.kv_tokens = kv_tokens or max_slots * max_len
-        # Batch rows beyond the running ones (graph buckets are padded) write into a window of their own after the pool.
-        self._scratch = self.kv_tokens
-        shape = (self.H, self.kv_tokens + max_len, self.hd)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]  # L x [H, P, hd]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self.layers]
 
         self.use_graphs = use_graphs and dev.type == "cuda"
         self.batch_buckets = _buckets(max_slots, 1)
@@ -261,17 +262,25 @@ class NeoxRunner(NeoxForward):
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @staticmethod
-    def kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    def kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
         c = model.config
-        return 2 * c.num_hidden_layers * c.hidden_size * torch.tensor([], dtype=dtype).element_size()
+        return KVCache.bytes_per_token(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, dtype, kv_dtype)
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
         """Prompt chunks of several sequences in one forward pass, packed end to end without padding: chunk
         (base, ids, start) runs ids at positions start.. of the sequence whose cache range starts at `base`,
         attending to its cached positions < start and causally to itself. The linear layers and MLPs see one
-        [1, N, D] row of all N tokens (no pad tokens computed, however different the lengths); attention runs per
-        chunk. Returns the logits of each chunk's last token [n, V] (float32)."""
+        [1, N, D] row of all N tokens (no pad tokens computed, however different the lengths), on the dense weight
+        copies where there are any (bitsandbytes' 4-bit layers dequantize each weight per call, then run the same
+        GEMM); attention runs per chunk. Returns the logits of each chunk's last token [n, V] (float32)."""
+        self._dense_now = bool(self.dense)
+        try:
+            return self._prefill(chunks)
+        finally:
+            self._dense_now = False
+
+    def _prefill(self, chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
         dev = self.device
         lens = [len(ids) for _, ids, _ in chunks]
         ends = list(itertools.accumulate(lens))  # chunk i is tokens ends[i]-lens[i] .. ends[i]-1 of the row
@@ -287,8 +296,7 @@ class NeoxRunner(NeoxForward):
         for li in range(len(self.layers)):
             def attend(q, k, v, li=li):
                 q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # [1, H, N, hd]
-                self.k[li][:, dest] = k[0]  # the one place prefill writes the cache
-                self.v[li][:, dest] = v[0]
+                self.kv.store(li, dest, k[0], v[0])
                 out = torch.empty_like(q)  # [1, H, N, hd]
                 for (b, _, s), n, e, mask in zip(chunks, lens, ends, masks):
                     qi = q[:, :, e - n : e]  # [1, H, n, hd]
@@ -296,8 +304,8 @@ class NeoxRunner(NeoxForward):
                         out[:, :, e - n : e] = F.scaled_dot_product_attention(qi, k[:, :, e - n : e], v[:, :, e - n : e],
                                                                               is_causal=True)
                     else:
-                        K, V = self.k[li][None, :, b : b + s + n], self.v[li][None, :, b : b + s + n]  # [1, H, s+n, hd]
-                        out[:, :, e - n : e] = F.scaled_dot_product_attention(qi, K, V, attn_mask=mask)
+                        K, V = self.kv.gather(li, slice(b, b + s + n))  # [H, s+n, hd]
+                        out[:, :, e - n : e] = F.scaled_dot_product_attention(qi, K[None], V[None], attn_mask=mask)
                 return out
 
             x = self._block(li, x, attend)
@@ -330,15 +338,14 @@ class NeoxRunner(NeoxForward):
                 x = self._decode_layer_fused(li, x, base, pos, T)
             logits = self._logits(x)  # [B, V]
         else:
-            cos, sin, keys, mask = self._decode_tables(base, pos, T, self.k[0].shape[1])
+            cos, sin, keys, mask = self._decode_tables(base, pos, T, self.kv.positions)
             at = base + pos  # [B]
             for li in range(len(self.layers)):
                 def attend(q, k, v, li=li):
                     q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                    self.k[li][:, at] = k[:, :, 0].transpose(0, 1)  # [H, B, hd]
-                    self.v[li][:, at] = v[:, :, 0].transpose(0, 1)
-                    K, V = self.k[li][:, keys].transpose(0, 1), self.v[li][:, keys].transpose(0, 1)  # [B, H, T, hd]
-                    return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+                    self.kv.store(li, at, k[:, :, 0].transpose(0, 1), v[:, :, 0].transpose(0, 1))  # [H, B, hd] each
+                    K, V = self.kv.gather(li, keys)  # [H, B, T, hd]
+                    return F.scaled_dot_product_attention(q, K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask)
 
                 x = self._block(li, x, attend)
             logits = self._logits(x[:, 0])  # [B, V]
@@ -377,9 +384,10 @@ class NeoxRunner(NeoxForward):
             h, h_mlp = fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [B, D]
         else:
             h, h_mlp = layer.input_layernorm(x), None
-        q = fused.rope_store(self._linear(attn.query_key_value, h), self.cos, self.sin, base, pos, self.k[li], self.v[li],
-                             self.H, self.hd, self.rot)  # [B, H, 1, hd]
-        a = fused.decode_attention(q, self.k[li], self.v[li], base, pos, T)  # [B, H, 1, hd]
+        kc, vc, ks, vs = self.kv.kernel_args(li)
+        q = fused.rope_store(self._linear(attn.query_key_value, h), self.cos, self.sin, base, pos, kc, vc,
+                             self.H, self.hd, self.rot, ks, vs)  # [B, H, 1, hd]
+        a = fused.decode_attention(q, kc, vc, base, pos, T, kscale=ks, vscale=vs)  # [B, H, 1, hd]
         a = self._linear(attn.dense, a.reshape(B, -1))  # [B, D]
         return self._residual(li, x, a, h_mlp)
 
@@ -394,22 +402,31 @@ class NeoxRunner(NeoxForward):
             pos = torch.tensor([3, 60], device=self.device)
             base = torch.tensor([L, 0], device=self.device)  # row 0's range after row 1's: not in row order
             qkv = torch.randn(B, 3 * D, generator=g).to(self.device, self.dtype)  # [B, 3D]
-            kc, vc = (torch.zeros(self.H, B * L, self.hd, dtype=self.dtype, device=self.device) for _ in range(2))
-            q = fused.rope_store(qkv, self.cos, self.sin, base, pos, kc, vc, self.H, self.hd, self.rot)
+            cache = KVCache(1, self.H, B * L, self.hd, self.dtype, self.device, "int8" if self.kv.int8 else "auto")
+            kc, vc, ks, vs = cache.kernel_args(0)
+            q = fused.rope_store(qkv, self.cos, self.sin, base, pos, kc, vc, self.H, self.hd, self.rot, ks, vs)
             rq, rk, rv = qkv.view(B, 1, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, 1, hd]
             cos, sin, keys, mask = self._decode_tables(base, pos, L, B * L)
-            pairs = [(q, self._rope(rq, cos, sin)), (kc[:, base + pos].transpose(0, 1), self._rope(rk, cos, sin)[:, :, 0]),
-                     (vc[:, base + pos].transpose(0, 1), rv[:, :, 0])]
+            pairs = [(q, self._rope(rq, cos, sin))]
+            stored_k, stored_v = cache.gather(0, base + pos)  # [H, B, hd] each
+            for got, want, sc in ((stored_k, self._rope(rk, cos, sin)[:, :, 0], ks), (stored_v, rv[:, :, 0], vs)):
+                want = want.transpose(0, 1)  # [H, B, hd]
+                if cache.int8:  # rounding to int8 is off by at most half a step of the vector's scale
+                    slack = sc[:, base + pos][..., None] / 2  # [H, B, 1]
+                    want = want.float() + ((got.float() - want.float()).clamp(-slack, slack))
+                pairs.append((got, want))
             layer = self.layers[0]
             x = torch.randn(B, D, generator=g).to(self.device, self.dtype)
             pairs += zip(fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm),
                          (layer.input_layernorm(x), layer.post_attention_layernorm(x)))
-            kc.copy_(torch.randn(kc.shape, generator=g))
-            vc.copy_(torch.randn(vc.shape, generator=g))
-            K, V = kc[:, keys].transpose(0, 1), vc[:, keys].transpose(0, 1)  # [B, H, L, hd]
-            ref = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)  # [B, H, 1, hd]
+            every = torch.arange(B * L, device=self.device)
+            cache.store(0, every, *(torch.randn((self.H, B * L, self.hd), generator=g).to(self.device, self.dtype)
+                                    for _ in range(2)))
+            K, V = cache.gather(0, keys)  # [H, B, L, hd] each: what the cache holds, dequantized
+            ref = F.scaled_dot_product_attention(q, K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask)  # [B, H, 1, hd]
             # One program per row and head, and the keys split over two of 32 (the second row spans both).
-            pairs += [(fused.decode_attention(q, kc, vc, base, pos, L, splits=n, block_t=b), ref) for n, b in ((1, 64), (2, 32))]
+            pairs += [(fused.decode_attention(q, kc, vc, base, pos, L, splits=n, block_t=b, kscale=ks, vscale=vs,
+                                              dot=dot), ref) for n, b in ((1, 64), (2, 32)) for dot in (False, True)]
             # NaN counts as infinitely wrong (Python's max would let it through).
             err = max((a.float() - b.float()).abs().max().nan_to_num(float("inf")).item() for a, b in pairs)
             if not err <= tol:

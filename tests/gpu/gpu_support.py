@@ -30,9 +30,9 @@ _ENGINE = None
 
 def model_dir() -> str:
     """The checkpoint under test: $POLYGLOT_GPU_MODEL, else the benchmark's 5.8B-shape random one (built if missing)."""
-    from service.bench import _gpu_model
+    from service.bench import gpu_model
 
-    return _gpu_model(os.environ.get("POLYGLOT_GPU_MODEL") or None)
+    return gpu_model(os.environ.get("POLYGLOT_GPU_MODEL") or None)
 
 
 def shared_engine(**generation):

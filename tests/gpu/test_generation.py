@@ -127,7 +127,7 @@ def test_no_step_writes_outside_its_sequence_range(engine, monkeypatch):
     runner, sched = engine.runner, engine.scheduler
     pool = runner.kv_tokens
     canary = 1234.0
-    for k, v in zip(runner.k, runner.v):
+    for k, v in zip(runner.kv.k, runner.kv.v):
         k[:, :pool].fill_(canary)
         v[:, :pool].fill_(canary)
     owned = torch.zeros(pool, dtype=torch.bool, device=runner.device)
@@ -152,7 +152,7 @@ def test_no_step_writes_outside_its_sequence_range(engine, monkeypatch):
         run(asyncio.sleep(0.01))
     assert len(tails) == len(jobs)
     touched = torch.zeros(pool, dtype=torch.bool, device=runner.device)
-    for k, v in zip(runner.k, runner.v):
+    for k, v in zip(runner.kv.k, runner.kv.v):
         touched |= (k[:, :pool] != canary).any(-1).any(0) | (v[:, :pool] != canary).any(-1).any(0)  # [pool]
     stray = (touched & ~owned).nonzero().flatten()
     assert stray.numel() == 0, f"{stray.numel()} positions outside every range were written, first {stray[:8].tolist()}"

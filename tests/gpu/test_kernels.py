@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpu_support import TIE, prompt_ids, pytestmark, record, shared_engine  # noqa: F401
+from service.verify import TIE_INT8
 
 REL = 1e-2
 """Largest ||a - b|| / ||b|| of two paths' logits: fp16 rounding in 28 layers (measured on an H200: 1.9e-3 fused
@@ -18,12 +19,17 @@ def engine():
     return shared_engine()
 
 
-def _runner(engine, fused: bool, dense: bool):
+REL_INT8 = 5e-2
+"""Largest relative logit error of an int8 KV cache against a float16 one (generation.kv_cache_dtype); a cache read
+without its scales, or written at the wrong position, moves the logits by their own size."""
+
+
+def _runner(engine, fused: bool, dense: bool, kv_dtype: str = "auto"):
     from service.engine.neox import NeoxRunner
 
     return NeoxRunner(engine.lm.model, 4, engine.window, use_graphs=True, fused_decode=fused,
                       eos_id=engine.lm.eos_token_id, kv_tokens=4 * engine.window,
-                      dense=engine.runner.dense if dense else None)
+                      dense=engine.runner.dense if dense else None, kv_dtype=kv_dtype)
 
 
 def _compare(a, b, steps: int = 24):
@@ -35,7 +41,7 @@ def _compare(a, b, steps: int = 24):
     prompts = [prompt_ids(n, seed=n) for n in (30, 250, 500, 1500)]
     bases = [i * a.max_len for i in range(4)]
     la, lb = a.prefill_new(bases, prompts), b.prefill_new(bases, prompts)  # [4, V]
-    rel, gap = [], 0.0
+    rel, gap = [float((lb - la).norm() / la.norm())], 0.0
     pos = [len(p) for p in prompts]
     for _ in range(steps):
         tok = la.argmax(-1).tolist()
@@ -63,4 +69,16 @@ def test_dequantized_decode_equals_the_4bit_kernels(engine):
     record("dequantized_vs_4bit", max_rel=max(rel), mean_rel=sum(rel) / len(rel), max_choice_gap=gap)
     assert max(rel) <= REL and gap <= TIE
     del four_bit, dense
+    torch.cuda.empty_cache()
+
+
+def test_int8_kv_cache_stays_near_the_float16_cache(engine):
+    """generation.kv_cache_dtype int8 against the shipped float16 cache: fused kernels, CUDA graphs and dense
+    weights in both, fed the same tokens."""
+    half, int8 = _runner(engine, True, True), _runner(engine, True, True, kv_dtype="int8")
+    assert int8.fused and int8.kv.int8 and int8.fused_problem() is None
+    rel, gap = _compare(half, int8)
+    record("int8_vs_float16_cache", max_rel=max(rel), mean_rel=sum(rel) / len(rel), max_choice_gap=gap)
+    assert max(rel) <= REL_INT8 and gap <= TIE_INT8
+    del half, int8
     torch.cuda.empty_cache()

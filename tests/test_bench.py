@@ -58,8 +58,10 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
     assert s["score_pairs"]["mean_batch_pairs"] > 1
     for k in ("raw_forward", "hflm", "generate", "traffic"):
         assert k in b
+    assert set(b["traffic"]) == set(s["traffic"]) == {"sampled 4", "greedy 4", "mixed 4"}
     for name, g in b["traffic"].items():  # transformers on the real-traffic rows' own requests
-        assert g["streams"] == 4 and g["tokens"] == 4 * 16 and g["sampled"] == name.startswith("sampled"), name
+        assert g["streams"] == 4 and g["batches"] == (2 if name.startswith("mixed") else 1), name
+        assert g["tokens"] == s["traffic"][name]["tokens"] and g["tokens_per_s"] > 0, name  # the tokens asked for
     assert b["hflm"]["pairs"]["tokens_per_s"] > 0 and b["hflm"]["mc"]["tokens_per_s"] > 0
     assert r["check"]["checked_streams"] >= 4 and not r["check"]["problems"]  # the run checked its own outputs
     for name, g in s["traffic"].items():  # sampled and greedy streams of mixed prompt lengths
@@ -73,5 +75,6 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
     assert isinstance(ol["meets_goal"], bool)
     md = (tmp_path / "bench-quick.md").read_text()
     assert "| Score, independent pairs (tokens/s) |" in md and "ratio" in md
-    assert "mixed prompt lengths (tokens/s) | " in md and "same requests |" in md
+    assert "prompts 100–1,000, 256 new (tokens/s) | " in md and "same requests (1 batch) |" in md
+    assert "| Generate, mixed 4 streams, prompts 50–1,500, 16–512 new, half sampled (tokens/s) |" in md
     assert "| Score flood + sampled streams at once |" in md and "| offered (requests/s) |" in md and "Goodput" in md

@@ -23,7 +23,7 @@ from .check import WrongOutput, check_outputs
 from .driver import run_service
 from .profiles import attention_sweep, autoscale_run, engine_traffic, profile_decode, profile_score
 from .report import frontend_hop, hop_table, table, traffic_table, versions
-from .workloads import BenchConfig, gpu_model, make_workloads, traffic_requests
+from .workloads import BenchConfig, gpu_model, make_workloads, traffic_rows
 
 def _engine_settings(items: list[str]) -> dict:
     """--engine SECTION.KEY=JSON items as {section: {key: value}}."""
@@ -135,9 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.traffic_streams:  # the same requests as the service's real-traffic rows (same seed)
             from ..api.pb import lm_pb2
 
-            b["traffic"] = {f"{kind} {cfg.traffic_streams}": baseline_traffic(
-                lm, traffic_requests(lm_pb2, lm.tokenizer, w, cfg.traffic_streams, kind == "sampled", cfg))
-                for kind in ("sampled", "greedy")}
+            b["traffic"] = {name: baseline_traffic(lm, reqs)
+                            for name, reqs in traffic_rows(lm_pb2, lm.tokenizer, w, cfg).items()}
         print(f"baselines done in {time.perf_counter() - t:.0f}s", flush=True)
         result["baselines"] = b
         Path(cfg.out).mkdir(parents=True, exist_ok=True)

@@ -98,30 +98,35 @@ def baseline_generate(lm, w: Workloads, cfg: BenchConfig) -> dict:
 
 @torch.inference_mode()
 def baseline_traffic(lm, requests: list, seed: int = 0) -> dict:
-    """transformers `model.generate` on the real-traffic rows' own requests (workloads.traffic_requests: their prompts,
-    lengths and sampling) as one left-padded batch: the baseline of the service's mixed-prompt rows."""
+    """transformers `model.generate` on a real-traffic row's own requests (workloads.traffic_rows: their prompts,
+    lengths and sampling): the requests of one sampling setting as one left-padded batch that runs to the longest
+    output any of them asks, as a client of `generate` would send them. tokens: the ones the requests asked for."""
     pad = lm.tokenizer.pad_token_id or 0
-    prompts = [list(r.token_ids) for r in requests]
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, T], prompts right-aligned
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    p = requests[0].parameters
-    new = p.max_new_tokens
-    kw = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=pad, attention_mask=mask.to(lm.device))
-    kw.update(dict(do_sample=True, temperature=p.temperature, top_p=p.top_p) if p.temperature > 0 else
-              dict(do_sample=False))
-    ids = ids.to(lm.device)
-    lm.model.generate(ids[:2], **{**kw, "attention_mask": kw["attention_mask"][:2], "max_new_tokens": 2,
-                                  "min_new_tokens": 2})  # warm-up
-    torch.manual_seed(seed)
-    sync()
-    t = time.perf_counter()
-    out = lm.model.generate(ids, **kw)
-    sync()
-    dt = time.perf_counter() - t
-    tokens = (out.shape[1] - width) * len(prompts)
-    return {"streams": len(prompts), "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt,
-            "sampled": p.temperature > 0}
+    groups: dict = {}
+    for r in requests:
+        groups.setdefault((r.parameters.temperature, r.parameters.top_p), []).append(r)
+    tokens, dt = 0, 0.0
+    for (temperature, top_p), reqs in groups.items():
+        prompts = [list(r.token_ids) for r in reqs]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, T], prompts right-aligned
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        new = max(r.parameters.max_new_tokens for r in reqs)
+        ids, mask = ids.to(lm.device), mask.to(lm.device)
+        kw = dict(pad_token_id=pad, do_sample=temperature > 0)
+        if temperature > 0:
+            kw.update(temperature=temperature, top_p=top_p)
+        lm.model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+        torch.manual_seed(seed)
+        sync()
+        t = time.perf_counter()
+        out = lm.model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **kw)
+        sync()
+        dt += time.perf_counter() - t
+        assert out.shape[1] - width == new, (out.shape, width, new)
+        tokens += sum(r.parameters.max_new_tokens for r in reqs)
+    return {"streams": len(requests), "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt,
+            "batches": len(groups)}

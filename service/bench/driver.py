@@ -10,7 +10,7 @@ import threading
 import time
 import torch
 
-from .workloads import BenchConfig, Workloads, open_loop_requests, traffic_requests
+from .workloads import BenchConfig, Workloads, open_loop_requests, traffic_requests, traffic_rows
 
 def pct(xs: list[float], q: float) -> float | None:
     if not xs:
@@ -215,9 +215,8 @@ def run_service(model: str, w: Workloads, cfg: BenchConfig, tokenizer) -> dict:
                 res["generate"][str(c)] = await drive_generate(stub, lm_pb2, w.gen_prompt, c, cfg)
             if cfg.traffic_streams:
                 res["traffic"] = {}
-                for kind in ("sampled", "greedy"):
-                    reqs = traffic_requests(lm_pb2, tokenizer, w, cfg.traffic_streams, kind == "sampled", cfg)
-                    res["traffic"][f"{kind} {cfg.traffic_streams}"] = await drive_streams(stub, reqs, cfg)
+                for name, reqs in traffic_rows(lm_pb2, tokenizer, w, cfg).items():
+                    res["traffic"][name] = await drive_streams(stub, reqs, cfg)
             if cfg.score and cfg.beside_streams:
                 # Score beside Generate: the independent-pairs flood again, with sampled streams started with it.
                 reqs = traffic_requests(lm_pb2, tokenizer, w, cfg.beside_streams, True, cfg, seed=6)

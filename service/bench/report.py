@@ -36,8 +36,11 @@ def table(r: dict) -> str:
     traffic = s.get("traffic", {})
     for name, g in traffic.items():
         base = b.get("traffic", {}).get(name)
-        rows.append((f"Generate, {name} streams, mixed prompt lengths (tokens/s)", g["tokens_per_s"],
-                     f"`generate` batch {g['streams']}, same requests", base["tokens_per_s"] if base else None))
+        shapes = ("prompts 50–1,500, 16–512 new, half sampled" if name.startswith("mixed") else
+                  "prompts 100–1,000, 256 new")
+        rows.append((f"Generate, {name} streams, {shapes} (tokens/s)", g["tokens_per_s"],
+                     f"`generate`, same requests ({base['batches']} batch{'es' if base['batches'] > 1 else ''})"
+                     if base else "–", base["tokens_per_s"] if base else None))
     lines = ["| workload | service | baseline | baseline value | ratio |", "|---|---:|---|---:|---:|"]
     for name, sv, bn, bv in rows:
         lines.append(f"| {name} | {sv:,.0f} | {bn} | {bv:,.0f} | {_ratio(sv, bv)} |" if bv else

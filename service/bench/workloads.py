@@ -179,6 +179,34 @@ def traffic_requests(pb, tokenizer, w: Workloads, n: int, sampled: bool, cfg: Be
     return out
 
 
+def mixed_requests(pb, tokenizer, n: int, cfg: BenchConfig, seed: int = 7) -> list:
+    """n streams of the widest mix clients send: prompts of 50-1,500 tokens and 16-512 new tokens drawn per request
+    (scaled down in --quick), every other one sampled (temperature 0.8, top_p 0.95, a seed each), the rest greedy."""
+    from ..engine.text import encode
+
+    rng = random.Random(seed)
+    corpus = encode(tokenizer, random_korean(rng, 80_000))
+    (lo, hi), (nlo, nhi) = ((10, 40), (4, 16)) if cfg.quick else ((50, 1500), (16, 512))
+    out = []
+    for i in range(n):
+        k, new = rng.randint(lo, hi), rng.randint(nlo, nhi)
+        start = rng.randrange(0, len(corpus) - k)
+        p = pb.GenerationParameters(max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
+        if i % 2:
+            p.temperature, p.top_p, p.seed = 0.8, 0.95, 2000 + i
+        out.append(pb.GenerateRequest(token_ids=corpus[start : start + k], parameters=p))
+    return out
+
+
+def traffic_rows(pb, tokenizer, w: Workloads, cfg: BenchConfig) -> dict[str, list]:
+    """The real-traffic rows by name, each a list of requests started at once: sampled and greedy (prompts 100-1,000,
+    256 new) and the mixed one (mixed_requests); the service and the transformers baseline run the same ones."""
+    n = cfg.traffic_streams
+    return {f"sampled {n}": traffic_requests(pb, tokenizer, w, n, True, cfg),
+            f"greedy {n}": traffic_requests(pb, tokenizer, w, n, False, cfg),
+            f"mixed {n}": mixed_requests(pb, tokenizer, n, cfg)}
+
+
 def open_loop_requests(pb, tokenizer, n: int, cfg: BenchConfig, seed: int) -> list:
     """n sampled requests as an open-loop client population sends them: prompts of 200-800 tokens and 64-256 new
     tokens drawn per request (scaled down in --quick), temperature 0.8 / top_p 0.95, a seed each."""

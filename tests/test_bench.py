@@ -78,3 +78,18 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
     assert "prompts 100–1,000, 256 new (tokens/s) | " in md and "same requests (1 batch) |" in md
     assert "| Generate, mixed 4 streams, prompts 50–1,500, 16–512 new, half sampled (tokens/s) |" in md
     assert "| Score flood + sampled streams at once |" in md and "| offered (requests/s) |" in md and "Goodput" in md
+
+
+def test_kv_replay_sees_a_request_blocked_by_split_free_space():
+    """Pool 10: A [0, 3) and C [6, 9) end after one step, B [3, 6) runs 10. D (6 positions) arrives at step 2: 7
+    positions are free, but at most 4 in one range, so with contiguous ranges it waits until B ends (step 10);
+    a paged pool admits it at once. The replay uses the engine's own allocator for the contiguous case."""
+    from service.bench.kvsim import Request, replay
+
+    reqs = [Request(0, 3, 1), Request(0, 3, 10), Request(0, 3, 1), Request(2, 6, 2)]
+    contiguous = replay(reqs, pool=10, rows=8, paged=False)
+    paged = replay(reqs, pool=10, rows=8, paged=True, block=1)
+    assert contiguous["waits"] == [0, 0, 0, 8] and contiguous["fragmented_steps"] == 8
+    assert paged["waits"] == [0, 0, 0, 0] and paged["fragmented_steps"] == 0
+    rows = replay(reqs, pool=100, rows=2, paged=False)  # rows bound, not space: C waits for A's row
+    assert rows["waits"] == [0, 0, 1, 0] and rows["fragmented_steps"] == 0

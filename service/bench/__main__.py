@@ -21,6 +21,7 @@ import torch
 from .baselines import baseline_generate, baseline_hflm, baseline_raw_forward, baseline_traffic
 from .check import WrongOutput, check_outputs
 from .driver import run_service
+from .kvsim import kv_fragmentation
 from .profiles import attention_sweep, autoscale_run, engine_traffic, profile_decode, profile_score
 from .report import frontend_hop, hop_table, table, traffic_table, versions
 from .workloads import BenchConfig, gpu_model, make_workloads, traffic_rows
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--engine-traffic", action="store_true",
                     help="the real-traffic rows in-process on the Engine (no Ray, no gRPC), with step times and a "
                          "cProfile of the model thread")
+    ap.add_argument("--kv-fragmentation", action="store_true",
+                    help="CPU: contiguous KV ranges against a paged cache, admission replayed without a model")
     ap.add_argument("--autoscale", action="store_true", help="multi-GPU: scale up under load and back down")
     ap.add_argument("--profile-score", action="store_true", help="Score in-process: throughput, kernels, invariance")
     args = ap.parse_args(argv)
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
             return profile_score(args.model or str(ensure(Path(".models/tiny"))), Path(args.out),
                                  BenchConfig.quick_config(""))
         return profile_score(gpu_model(args.model), Path(args.out))
+    if args.kv_fragmentation:
+        return kv_fragmentation(Path(args.out))
     if args.autoscale:
         return autoscale_run(gpu_model(args.model), Path(args.out), max_replicas=max(2, torch.cuda.device_count()))
     if args.profile_decode:

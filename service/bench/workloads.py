@@ -179,23 +179,30 @@ def traffic_requests(pb, tokenizer, w: Workloads, n: int, sampled: bool, cfg: Be
     return out
 
 
-def mixed_requests(pb, tokenizer, n: int, cfg: BenchConfig, seed: int = 7) -> list:
-    """n streams of the widest mix clients send: prompts of 50-1,500 tokens and 16-512 new tokens drawn per request
-    (scaled down in --quick), every other one sampled (temperature 0.8, top_p 0.95, a seed each), the rest greedy."""
+def _drawn_requests(pb, tokenizer, n: int, prompt: tuple[int, int], new: tuple[int, int], seed: int,
+                    corpus_chars: int, sampled, seed_base: int) -> list:
+    """n requests, prompt and new-token counts drawn per request; request i sampled (temperature 0.8, top_p 0.95,
+    seed seed_base + i) where sampled(i), else greedy; every one runs to its length (ignore_eos)."""
     from ..engine.text import encode
 
     rng = random.Random(seed)
-    corpus = encode(tokenizer, random_korean(rng, 80_000))
-    (lo, hi), (nlo, nhi) = ((10, 40), (4, 16)) if cfg.quick else ((50, 1500), (16, 512))
+    corpus = encode(tokenizer, random_korean(rng, corpus_chars))
     out = []
     for i in range(n):
-        k, new = rng.randint(lo, hi), rng.randint(nlo, nhi)
+        k, m = rng.randint(*prompt), rng.randint(*new)
         start = rng.randrange(0, len(corpus) - k)
-        p = pb.GenerationParameters(max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
-        if i % 2:
-            p.temperature, p.top_p, p.seed = 0.8, 0.95, 2000 + i
+        p = pb.GenerationParameters(max_new_tokens=m, min_new_tokens=m, ignore_eos=True)
+        if sampled(i):
+            p.temperature, p.top_p, p.seed = 0.8, 0.95, seed_base + i
         out.append(pb.GenerateRequest(token_ids=corpus[start : start + k], parameters=p))
     return out
+
+
+def mixed_requests(pb, tokenizer, n: int, cfg: BenchConfig, seed: int = 7) -> list:
+    """n streams of the widest mix clients send: prompts of 50-1,500 tokens and 16-512 new tokens drawn per request
+    (scaled down in --quick), every other one sampled, the rest greedy."""
+    prompt, new = ((10, 40), (4, 16)) if cfg.quick else ((50, 1500), (16, 512))
+    return _drawn_requests(pb, tokenizer, n, prompt, new, seed, 80_000, lambda i: i % 2 == 1, 2000)
 
 
 def traffic_rows(pb, tokenizer, w: Workloads, cfg: BenchConfig) -> dict[str, list]:
@@ -210,16 +217,5 @@ def traffic_rows(pb, tokenizer, w: Workloads, cfg: BenchConfig) -> dict[str, lis
 def open_loop_requests(pb, tokenizer, n: int, cfg: BenchConfig, seed: int) -> list:
     """n sampled requests as an open-loop client population sends them: prompts of 200-800 tokens and 64-256 new
     tokens drawn per request (scaled down in --quick), temperature 0.8 / top_p 0.95, a seed each."""
-    from ..engine.text import encode
-
-    rng = random.Random(seed)
-    corpus = encode(tokenizer, random_korean(rng, 60_000))
-    (lo, hi), (nlo, nhi) = ((10, 40), (4, 16)) if cfg.quick else ((200, 800), (64, 256))
-    out = []
-    for i in range(n):
-        k, new = rng.randint(lo, hi), rng.randint(nlo, nhi)
-        start = rng.randrange(0, len(corpus) - k)
-        p = pb.GenerationParameters(max_new_tokens=new, min_new_tokens=new, ignore_eos=True, temperature=0.8,
-                                    top_p=0.95, seed=seed * 100_000 + i)
-        out.append(pb.GenerateRequest(token_ids=corpus[start : start + k], parameters=p))
-    return out
+    prompt, new = ((10, 40), (4, 16)) if cfg.quick else ((200, 800), (64, 256))
+    return _drawn_requests(pb, tokenizer, n, prompt, new, seed, 60_000, lambda i: True, seed * 100_000)

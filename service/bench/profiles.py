@@ -140,6 +140,8 @@ def attention_sweep(out: Path, heads: int = 16, head_dim: int = 256, iters: int 
                                       "tb_per_s": read / us / 1e6}
             case["best_cuda_cores"] = min((r for r in case["runs"] if not r["dot"]), key=lambda r: r["us"])
             case["best"] = min(case["runs"], key=lambda r: r["us"])
+            # The fastest dozen only: the whole grid of 12 cases is more than the GPU machine sends back in a file.
+            case["runs"] = sorted(case["runs"], key=lambda r: r["us"])[:12]
             res["cases"].append(case)
             print(json.dumps({k: case[k] for k in ("kv", "rows", "keys", "tmax", "best", "best_cuda_cores",
                                                    "engine_default")}), flush=True)

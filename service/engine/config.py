@@ -115,8 +115,8 @@ class GenerationConfig:
     """"on": prefill and decode steps of two or more sequences multiply by fp16 copies of the 4-bit weights,
     dequantized once at start by bitsandbytes (2 bytes per parameter more GPU memory: 11.3 GB for
     polyglot-ko-5.8b), instead of bitsandbytes' 4-bit layers (built for few rows; for more they dequantize each
-    weight on every call); Score and batch-1 decode keep the 4-bit kernels. "auto": on where the copies take at most a quarter of the GPU's memory (an 80 GB GPU, not a 24 GB
-    one). "off": never."""
+    weight on every call); Score and batch-1 decode keep the 4-bit kernels. "auto": on where the copies take at
+    most a quarter of the GPU's memory (an 80 GB GPU, not a 24 GB one). "off": never."""
     kv_cache_dtype: str = "auto"
     """The KV cache's storage: "auto", the model's compute dtype; "int8", one byte per value with a float32 scale
     per (head, token) vector (engine/kvcache.py): half the memory, so twice the positions in the same space; no

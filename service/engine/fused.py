@@ -163,9 +163,9 @@ if triton is not None:
         """_decode_attention_kernel's work and outputs with both products on tensor cores (tl.dot): the query is
         row 0 of a [16, BLOCK_D] tile whose other rows are zero (tl.dot's smallest M), so each block of keys costs
         two small matrix products instead of the [BLOCK_T, BLOCK_D] multiply-and-reduce on the CUDA cores that
-        bounds the other kernel, above all for int8, where it is the same work on half the bytes. Keys and values
-        go to the tensor cores in the query's dtype (int8 converted); the softmax weights are rounded to it too,
-        as flash attention does."""
+        bounds the other kernel. Keys and values go to the tensor cores in the query's dtype (int8 converted, which
+        made it slower than the CUDA-core kernel for an int8 cache on an H200); the softmax weights are rounded to
+        that dtype too, as flash attention does."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -242,7 +242,7 @@ def attention_launch(rows: int, tmax: int, device: torch.device, int8: bool = Fa
     """(splits, key block, warps, tensor cores) of the decode attention for `rows` (batch rows x heads) programs over
     at most tmax keys, from `python -m service.bench --attention-sweep` on an H200 (5.8B shape, 16 heads of 256,
     rows of 100-1,256 keys unless said, each call timed inside a CUDA graph as the engine runs it; 2026-12-02,
-    deploy/bench/attention-sweep-h200.json), in microseconds per layer:
+    deploy/bench/attention-sweep-tensor-core-h200.json), in microseconds per layer:
     - float16, batch 1: the CUDA-core kernel, 16 splits of 128-key blocks, 4 warps (9.3; tensor cores 10.0);
     - float16, more rows: the tensor-core kernel, 4 warps; below one program per multiprocessor 8 splits of 32 keys
       (batch 8: 23.9 against 30.5), above it one split of 64-key blocks (batch 64: 158 against 187, 4.05 TB/s of
@@ -277,7 +277,8 @@ def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor
     attention_launch). An int8 cache comes with its scales kscale/vscale [H, P] (engine/kvcache.py)."""
     B, H, _, hd = q.shape
     out = torch.empty_like(q)  # [B, H, 1, hd]
-    auto = attention_launch(B * H, tmax, q.device, int8=kscale is not None)
+    quant = kscale is not None
+    auto = attention_launch(B * H, tmax, q.device, int8=quant)
     splits, block_t, num_warps = splits or auto[0], block_t or auto[1], num_warps or auto[2]
     dot = auto[3] if dot is None else dot
     chunk = -(-tmax // (splits * block_t)) * block_t  # keys per split, a whole number of blocks
@@ -287,7 +288,6 @@ def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor
         po = torch.empty((B, H, splits, hd), dtype=torch.float32, device=q.device)  # partial sums
         ml = torch.empty((2, B, H, splits), dtype=torch.float32, device=q.device)  # running max, denominator
     block_d = triton.next_power_of_2(hd)
-    quant = kscale is not None
     ks, vs = (kscale, vscale) if quant else (ml[0], ml[1])  # unread without QUANT
     kernel = _decode_attention_dot_kernel if dot else _decode_attention_kernel
     kernel[(B, H, splits)](

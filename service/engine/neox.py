@@ -402,7 +402,7 @@ class NeoxRunner(NeoxForward):
             pos = torch.tensor([3, 60], device=self.device)
             base = torch.tensor([L, 0], device=self.device)  # row 0's range after row 1's: not in row order
             qkv = torch.randn(B, 3 * D, generator=g).to(self.device, self.dtype)  # [B, 3D]
-            cache = KVCache(1, self.H, B * L, self.hd, self.dtype, self.device, "int8" if self.kv.int8 else "auto")
+            cache = KVCache(1, self.H, B * L, self.hd, self.dtype, self.device, self.kv.kind)
             kc, vc, ks, vs = cache.kernel_args(0)
             q = fused.rope_store(qkv, self.cos, self.sin, base, pos, kc, vc, self.H, self.hd, self.rot, ks, vs)
             rq, rk, rv = qkv.view(B, 1, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, 1, hd]

@@ -221,10 +221,12 @@ def test_kv_cache_space_is_shared_by_what_requests_can_use(tiny_dir):
 
 
 def test_dequantized_decode_gives_the_4bit_kernels_tokens(tiny_dir, engine_nf4):
-    """dequantized_decode "on": decode steps of several rows multiply by copies of the 4-bit weights that
-    bitsandbytes dequantized once; concurrent greedy streams give the tokens (and nearly the logprobs) of the
-    4-bit kernels, and the copies are really what those steps used."""
+    """dequantized_decode "on": decode steps of several rows and Score passes multiply by copies of the 4-bit
+    weights that bitsandbytes dequantized once; concurrent greedy streams give the tokens (and nearly the
+    logprobs) of the 4-bit kernels, Score pairs and multiple choice their scores, and the copies are really
+    what those passes used."""
     from conftest import _engine
+    from service.engine.engine import ScoreOptions
 
     class Counting(dict):
         used = 0
@@ -235,7 +237,16 @@ def test_dequantized_decode_gives_the_4bit_kernels_tokens(tiny_dir, engine_nf4):
 
     engine = _engine(tiny_dir, "nf4", {"dequantized_decode": "on"})
     assert engine.runner.dense and not engine_nf4.runner.dense
-    engine.runner.dense = Counting(engine.runner.dense)
+    engine.runner.dense = engine.scorer.neox.dense = Counting(engine.runner.dense)
+    pairs = [("서울의 봄은", " 벚꽃과 함께"), ("나는", " 학교에 간다")]
+    choices = [("질문: 오늘 날씨는? 답:", " 맑음"), ("질문: 오늘 날씨는? 답:", " 흐림"), ("질문: 오늘 날씨는? 답:", " 비")]
+    for batch in (pairs, choices):
+        want = run(engine_nf4.score(batch, ScoreOptions()))
+        Counting.used = 0
+        got = run(engine.score(batch, ScoreOptions()))
+        assert Counting.used > 0
+        assert [r.logprob for r in got] == pytest.approx([r.logprob for r in want], abs=2e-2)
+    Counting.used = 0
     params = GenerationParams(max_new_tokens=10, min_new_tokens=10, logprobs=True)
 
     async def together(e):

@@ -45,7 +45,9 @@ def _kill_one_under_load(tiny_dir, replicas: int, score, stream_retry=None, edit
     stop = threading.Event()
     with serving(tiny_dir, replicas=replicas, edit=edit) as s:
         try:
-            threads = looping_streams(s["address"], stop, streams, 4, timeout=30, retry=stream_retry, details=details)
+            # Four streams per replica: Ray's router (power of two choices) could leave a replica with none of only four.
+            threads = looping_streams(s["address"], stop, streams, 4 * replicas, timeout=30, retry=stream_retry,
+                                      details=details)
             threads += looping(s["address"], stop, scores, 4, score)
             time.sleep(4)
             pids = replica_pids()

@@ -1,5 +1,5 @@
-"""GPU profiles beside the benchmark: the decode step, the decode attention kernel's launch settings, the real-traffic
-rows on the engine alone, Score in-process, and multi-GPU autoscaling."""
+"""GPU profiles beside the benchmark: the decode step, the prefill step, the decode attention kernel's launch settings,
+the real-traffic rows on the engine alone, Score in-process, and multi-GPU autoscaling."""
 from __future__ import annotations
 
 import asyncio
@@ -38,6 +38,7 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
         runner = NeoxRunner(lm.model, max(batches), window, use_graphs=True, fused_decode=fused,
                             dense=dequantized_weights(lm.model, lm.compute_dtype) if dense else None)
         assert runner.fused == fused, "fused kernels failed their start-up check (see the log)"
+        runner.warm_up(max(batches), prompt_len + steps + 1)
         for b in batches:
             bases = [i * window for i in range(b)]
             runner.prefill_new(bases, [[5 + i % 100] * prompt_len for i in range(b)])
@@ -72,6 +73,62 @@ def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 
     (out / "decode-profile.txt").write_text(table)
     (out / "decode-profile.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
+    print(table)
+    return res
+
+
+def profile_prefill(model: str, out: Path, budgets=(1024, 2048, 4096), steps: int = 5) -> dict:
+    """Where a prefill step's time goes, without the serving layer: packed prefill of new prompts of 100-1,000
+    tokens (the real-traffic lengths) filling a step's token budget (GenerationConfig.prefill_chunk), on the
+    dequantized weights as the engine runs it: milliseconds, prompt tokens per second and the TFLOP/s of the
+    blocks' matmuls, per budget; and the top kernels and the host's time of the shipped budget's step
+    (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..engine import loader
+    from ..engine.config import GenerationConfig, ModelConfig
+    from ..engine.neox import NeoxRunner, dequantized_weights
+
+    lm = loader.load(ModelConfig(model=model))
+    window = lm.max_context
+    rows = 64
+    runner = NeoxRunner(lm.model, rows, window, use_graphs=False, fused_decode=True,
+                        dense=dequantized_weights(lm.model, lm.compute_dtype))
+    # Multiply-adds per token of the four linear layers of every block (their weights' elements).
+    flop_per_token = 2 * sum(w.numel() for w in runner.dense.values())
+    res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "flop_per_token": flop_per_token, "budgets": {}}
+
+    def chunks(budget: int, seed: int):
+        rng, out, left = random.Random(seed), [], budget
+        while left > 0:
+            n = min(left, rng.randint(100, 1000))
+            out.append((len(out) * window, [rng.randrange(5, lm.tokenizer_size) for _ in range(n)], 0))
+            left -= n
+        return out[:rows]
+
+    for budget in budgets:
+        work = [chunks(budget, seed) for seed in range(steps + 1)]
+        runner.prefill(work[0])  # allocator, kernels' first launch
+        sync()
+        t = time.perf_counter()
+        for c in work[1:]:
+            runner.prefill(c)
+        sync()
+        ms = (time.perf_counter() - t) / steps * 1000
+        res["budgets"][str(budget)] = {"ms": ms, "prompts_per_step": sum(map(len, work[1:])) / steps,
+                                       "tokens_per_s": budget / ms * 1000,
+                                       "matmul_tflop_per_s": flop_per_token * budget / ms / 1e9}
+        print(budget, res["budgets"][str(budget)], flush=True)
+    budget = GenerationConfig.prefill_chunk
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for seed in range(3):
+            runner.prefill(chunks(budget, 100 + seed))
+        sync()
+    table = (f"3 prefill steps of {budget} prompt tokens (prompts of 100-1,000)\n"
+             + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prefill-profile.txt").write_text(table)
+    (out / "prefill-profile.json").write_text(json.dumps(res, indent=2))
     print(table)
     return res
 

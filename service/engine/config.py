@@ -112,11 +112,12 @@ class GenerationConfig:
     """Run the decode step's rotary embedding, cache write, layer norms and attention as the Triton kernels
     of engine/fused.py (GPU with Triton; checked against the torch code at start, which runs otherwise)."""
     dequantized_decode: str = "auto"
-    """"on": prefill and decode steps of two or more sequences multiply by fp16 copies of the 4-bit weights,
-    dequantized once at start by bitsandbytes (2 bytes per parameter more GPU memory: 11.3 GB for
-    polyglot-ko-5.8b), instead of bitsandbytes' 4-bit layers (built for few rows; for more they dequantize each
-    weight on every call); Score and batch-1 decode keep the 4-bit kernels. "auto": on where the copies take at
-    most a quarter of the GPU's memory (an 80 GB GPU, not a 24 GB one). "off": never."""
+    """"on": every forward pass of more than one token (Score, prefill, decode steps of two or more sequences)
+    multiplies by fp16 copies of the 4-bit weights, dequantized once at start by bitsandbytes (2 bytes per
+    parameter more GPU memory: 11.3 GB for polyglot-ko-5.8b), instead of bitsandbytes' 4-bit layers (built for
+    few rows; for more they dequantize each weight on every call, then run the same GEMM); batch-1 decode keeps
+    the 4-bit GEMV. "auto": on where the copies take at most a quarter of the GPU's memory (an 80 GB GPU, not a
+    24 GB one). "off": never."""
     kv_cache_dtype: str = "auto"
     """The KV cache's storage: "auto", the model's compute dtype; "int8", one byte per value with a float32 scale
     per (head, token) vector (engine/kvcache.py): half the memory, so twice the positions in the same space; no

@@ -84,6 +84,8 @@ class Engine:
         if self.lm.device.type == "cuda":
             self.scorer.warm_up(min(max_tokens, self.window * cfg.batch.max_batch_pairs), min(1024, self.window))
         dense = dequantized_weights(self.lm.model, self.lm.compute_dtype) if self._dequantize() else None
+        if dense:  # Score's passes too (NeoxForward.dense). Its warm-up above, on the 4-bit layers, held each
+            self.scorer.neox.dense = dense  # weight's dequantized temporary too: the memory left is not overstated
         rows, kv_tokens = self._plan_kv()  # after the dense copies: the KV cache gets what they leave
         self.runner = NeoxRunner(self.lm.model, rows, self.window, g.cuda_graphs, g.fused_decode,
                                  eos_id=self.lm.eos_token_id, kv_tokens=kv_tokens, dense=dense,
@@ -99,7 +101,8 @@ class Engine:
         self._device_check: concurrent.futures.Future | None = None  # the health check queued on the model thread
 
     def _dequantize(self) -> bool:
-        """Whether decode runs on dequantized copies of the 4-bit weights (GenerationConfig.dequantized_decode)."""
+        """Whether forward passes of several tokens run on dequantized copies of the 4-bit weights
+        (GenerationConfig.dequantized_decode)."""
         mode = self.cfg.generation.dequantized_decode
         if mode not in ("auto", "on", "off"):
             raise ValueError(f'generation.dequantized_decode must be "auto", "on" or "off", not {mode!r}')

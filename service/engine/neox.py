@@ -10,6 +10,7 @@ the replica serves; a capture's warm-up steps run on a scratch window, never on 
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 
@@ -20,6 +21,18 @@ from . import fused
 from .kvcache import KVCache
 
 log = logging.getLogger(__name__)
+
+try:  # flash attention over packed sequences of different lengths (torch >= 2.9, CUDA)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _params = inspect.signature(_varlen_attn).parameters
+    # Causal masking is a flag up to torch 2.10, a (left, right) window after (the mask aligned to the last key).
+    # One split of the keys: flash attention otherwise picks its split from the whole call's shape, so a chunk's
+    # output (and a request's tokens) would depend on what else was prefilled in the same step.
+    _VARLEN_KW = ({"is_causal": True} if "is_causal" in _params else {"window_size": (-1, 0)}) | (
+        {"num_splits": 1} if "num_splits" in _params else {})
+except ImportError:
+    _varlen_attn, _VARLEN_KW = None, {}
 
 
 def _buckets(limit: int, first: int) -> list[int]:
@@ -63,9 +76,15 @@ def dequantized_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
 class NeoxForward:
     """GPT-NeoX forward passes over the model's own modules without a KV cache: whole sequences (Score)
-    and shared prefixes (multiple choice)."""
+    and shared prefixes (multiple choice).
 
-    def __init__(self, model: torch.nn.Module, max_len: int):
+    dense: dequantized copies of the 4-bit weights (dequantized_weights), empty for none. Where a copy exists, a
+    linear layer applied to more than one token multiplies by it: bitsandbytes' 4-bit layers dequantize the whole
+    weight on every such call (2.5 bytes per parameter of extra traffic, ~4 ms per forward pass of polyglot-ko-5.8b
+    on an H200) and then run the same GEMM. A single token keeps bitsandbytes' 4-bit GEMV, which reads a quarter
+    of the bytes."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int, dense: dict[torch.nn.Module, torch.Tensor] | None = None):
         cfg = model.config
         if cfg.model_type != "gpt_neox":
             raise ValueError(f"the generation engine runs GPT-NeoX models, not {cfg.model_type}")
@@ -78,6 +97,7 @@ class NeoxForward:
         self.H = cfg.num_attention_heads
         self.hd = cfg.hidden_size // self.H
         self.max_len = max_len
+        self.dense = dense or {}
         dev = self.embed.weight.device
         self.device = dev
         # One activation dtype for every path: the model's own (the loader puts every tensor, and every 4-bit
@@ -102,8 +122,9 @@ class NeoxForward:
         return out
 
     def _linear(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One of the layers' linear modules on x (NeoxRunner may swap in a dequantized weight)."""
-        return m(x)
+        """One of the layers' linear modules on x [..., in]: by its dense copy for more than one token."""
+        w = self.dense.get(m) if x.numel() > x.shape[-1] else None
+        return m(x) if w is None else F.linear(x, w, m.bias)
 
     def _block(self, li: int, x: torch.Tensor, attend) -> torch.Tensor:
         """Layer li; `attend(q, k, v)` stores k/v in the cache and returns attention output."""
@@ -146,12 +167,12 @@ class NeoxForward:
         cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
         padded = torch.zeros((B * T, 3 * D), dtype=self.dtype, device=dev)  # [B*T, 3D], reused by every layer
         for li, layer in enumerate(self.layers):
-            padded[flat] = layer.attention.query_key_value(layer.input_layernorm(x))  # [N, 3D] into the rows
+            padded[flat] = self._linear(layer.attention.query_key_value, layer.input_layernorm(x))  # [N, 3D] into the rows
             q, k, v = padded.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             # Right padding with causal attention is exact: real tokens never attend to the pads after them.
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
-            a = layer.attention.dense(a.transpose(1, 2).reshape(B * T, D)[flat])  # [N, D]
+            a = self._linear(layer.attention.dense, a.transpose(1, 2).reshape(B * T, D)[flat])  # [N, D]
             x = self._residual(li, x, a)
         out = torch.zeros((B * T, D), dtype=self.dtype, device=dev)
         out[flat] = self.final_ln(x)
@@ -229,13 +250,9 @@ class NeoxRunner(NeoxForward):
                  eos_id: int | None = None, kv_tokens: int | None = None,
                  dense: dict[torch.nn.Module, torch.Tensor] | None = None, choosable: int | None = None,
                  kv_dtype: str = "auto"):
-        super().__init__(model, max_len)
+        super().__init__(model, max_len, dense)
         dev = self.device
         self.choosable = choosable or self.head.weight.shape[0]
-        # Prefill and decode steps of more than one row multiply by these dequantized copies of the 4-bit weights
-        # (dequantized_weights) instead of bitsandbytes' 4-bit GEMM (see GenerationConfig.dequantized_decode).
-        self.dense = dense or {}
-        self._dense_now = False
         self.eos_id = eos_id
         self.max_slots = max_slots
         self.kv_tokens = kv_tokens or max_slots * max_len
@@ -248,6 +265,13 @@ class NeoxRunner(NeoxForward):
             if problem:
                 log.warning("fused decode kernels off, the decode step runs its torch code: %s", problem)
             self.fused = problem is None
+
+        self._varlen_ok = False
+        if dev.type == "cuda":
+            problem = self.varlen_problem()
+            if problem:
+                log.warning("prefill attends chunk by chunk: %s", problem)
+            self._varlen_ok = problem is None
 
         self.use_graphs = use_graphs and dev.type == "cuda"
         self.batch_buckets = _buckets(max_slots, 1)
@@ -271,46 +295,76 @@ class NeoxRunner(NeoxForward):
         """Prompt chunks of several sequences in one forward pass, packed end to end without padding: chunk
         (base, ids, start) runs ids at positions start.. of the sequence whose cache range starts at `base`,
         attending to its cached positions < start and causally to itself. The linear layers and MLPs see one
-        [1, N, D] row of all N tokens (no pad tokens computed, however different the lengths), on the dense weight
-        copies where there are any (bitsandbytes' 4-bit layers dequantize each weight per call, then run the same
-        GEMM); attention runs per chunk. Returns the logits of each chunk's last token [n, V] (float32)."""
-        self._dense_now = bool(self.dense)
-        try:
-            return self._prefill(chunks)
-        finally:
-            self._dense_now = False
-
-    def _prefill(self, chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        [N, D] block of all N tokens (no pad tokens computed, however different the lengths), on the dense weight
+        copies where there are any. Each layer's keys and values go into the cache first, by the decode step's
+        own kernel where it runs (fused.rope_store: one place writes the cache), and every chunk attends to what
+        the cache then holds, all chunks in one variable-length flash-attention call where torch has it (on an
+        H200, a 2,048-token step of 100-1,000-token prompts spent ~14 of its 44 ms of GPU time outside the
+        matmuls, rotating, scattering and attending chunk by chunk). Returns each chunk's last-token logits
+        [n, V] (float32)."""
         dev = self.device
         lens = [len(ids) for _, ids, _ in chunks]
-        ends = list(itertools.accumulate(lens))  # chunk i is tokens ends[i]-lens[i] .. ends[i]-1 of the row
-        x = self.embed(torch.tensor([[t for _, ids, _ in chunks for t in ids]], device=dev)).to(self.dtype)  # [1, N, D]
+        x = self.embed(torch.tensor([t for _, ids, _ in chunks for t in ids], device=dev)).to(self.dtype)  # [N, D]
         pos = torch.tensor([s + t for (_, ids, s) in chunks for t in range(len(ids))], device=dev)  # [N]
-        dest = torch.tensor([b + s + t for (b, ids, s) in chunks for t in range(len(ids))], device=dev)  # [N]
-        cos, sin = self.cos[pos], self.sin[pos]  # [N, rot]
-        # A chunk after cached positions attends to all of them plus the causal part of itself.
-        masks = [None if s == 0 else
-                 torch.arange(s + n, device=dev)[None, :] <= torch.arange(s, s + n, device=dev)[:, None]  # [n, s+n]
-                 for (_, _, s), n in zip(chunks, lens)]
-
+        base = torch.tensor([b for (b, ids, _) in chunks for _ in ids], device=dev)  # [N]
+        # The keys each chunk attends to, packed chunk after chunk: its sequence's cached positions, then its own.
+        keys = torch.tensor([b + t for (b, ids, s) in chunks for t in range(s + len(ids))], device=dev)  # [Nk]
+        attend = self._packed_attention([s for _, _, s in chunks], lens)
         for li in range(len(self.layers)):
-            def attend(q, k, v, li=li):
-                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # [1, H, N, hd]
-                self.kv.store(li, dest, k[0], v[0])
-                out = torch.empty_like(q)  # [1, H, N, hd]
-                for (b, _, s), n, e, mask in zip(chunks, lens, ends, masks):
-                    qi = q[:, :, e - n : e]  # [1, H, n, hd]
-                    if mask is None:  # a whole prompt: its own keys, causal (flash attention)
-                        out[:, :, e - n : e] = F.scaled_dot_product_attention(qi, k[:, :, e - n : e], v[:, :, e - n : e],
-                                                                              is_causal=True)
-                    else:
-                        K, V = self.kv.gather(li, slice(b, b + s + n))  # [H, s+n, hd]
-                        out[:, :, e - n : e] = F.scaled_dot_product_attention(qi, K[None], V[None], attn_mask=mask)
-                return out
+            x = self._prefill_layer(li, x, base, pos, keys, attend)
+        last = torch.tensor(list(itertools.accumulate(lens)), device=dev) - 1
+        return self._logits(x[last])  # [n, V]
 
-            x = self._block(li, x, attend)
-        last = torch.tensor([e - 1 for e in ends], device=dev)
-        return self._logits(x[0, last])  # [n, V]
+    def _prefill_layer(self, li: int, x: torch.Tensor, base: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+                       attend) -> torch.Tensor:
+        """Layer li over N packed prompt tokens x [N, D] at positions pos [N] of the ranges starting at base [N]:
+        their keys and values into the cache, then attend(q, k, v) over the cache positions `keys` [Nk]."""
+        N, D = x.shape
+        layer = self.layers[li]
+        attn = layer.attention
+        if self.fused and self.parallel:
+            h, h_mlp = fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [N, D]
+        else:
+            h, h_mlp = layer.input_layernorm(x), None
+        qkv = self._linear(attn.query_key_value, h)  # [N, 3D]
+        if self.fused:
+            kc, vc, ks, vs = self.kv.kernel_args(li)
+            q = fused.rope_store(qkv, self.cos, self.sin, base, pos, kc, vc, self.H, self.hd, self.rot,
+                                 ks, vs)[:, :, 0]  # [N, H, hd]
+        else:
+            q, k, v = qkv.view(N, self.H, 3 * self.hd).transpose(0, 1)[None].chunk(3, dim=-1)  # 3 x [1, H, N, hd]
+            cos, sin = self.cos[pos], self.sin[pos]  # [N, rot]
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.kv.store(li, base + pos, k[0], v[0])
+            q = q[0].transpose(0, 1)  # [N, H, hd]
+        K, V = self.kv.gather(li, keys)  # [H, Nk, hd] each
+        a = attend(q, K.transpose(0, 1), V.transpose(0, 1))  # [N, H, hd]
+        a = self._linear(attn.dense, a.reshape(N, D))  # [N, D]
+        return self._residual(li, x, a, h_mlp)
+
+    def _packed_attention(self, starts: list[int], lens: list[int]):
+        """attend(q [N, H, hd], k [Nk, H, hd], v [Nk, H, hd]) -> [N, H, hd] for packed chunks: chunk i's lens[i]
+        queries sit at positions starts[i].. of their sequence, and its starts[i] + lens[i] keys follow the
+        previous chunk's; each query sees its sequence's keys up to its own position (causal, aligned to the
+        last key)."""
+        klens = [s + n for s, n in zip(starts, lens)]
+        if self._varlen_ok:
+            cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=self.device)
+                          for n in (lens, klens))
+            return lambda q, k, v: _varlen_attn(q, k, v, cu_q, cu_k, max(lens), max(klens), **_VARLEN_KW)
+        qe, ke = list(itertools.accumulate(lens)), list(itertools.accumulate(klens))
+
+        def per_chunk(q, k, v):
+            out = torch.empty_like(q)  # [N, H, hd]
+            for s, n, e, f in zip(starts, lens, qe, ke):
+                qi, ki, vi = (t.transpose(0, 1)[None] for t in (q[e - n : e], k[f - s - n : f], v[f - s - n : f]))
+                # A chunk after cached positions attends to all of them plus the causal part of itself.
+                mask = None if s == 0 else (
+                    torch.arange(s + n, device=q.device)[None, :] <= torch.arange(s, s + n, device=q.device)[:, None])
+                out[e - n : e] = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=s == 0)[0].transpose(0, 1)
+            return out
+
+        return per_chunk
 
     def prefill_new(self, bases: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Whole prompts of new sequences (cache ranges starting at `bases`): prefill() from position 0."""
@@ -318,16 +372,7 @@ class NeoxRunner(NeoxForward):
 
     def _decode_eager(self, B: int, T: int) -> torch.Tensor:
         """One token for each of batch rows 0..B-1, attending to its cache positions < T."""
-        tok, pos, base = self._tok[:B], self._pos[:B], self._base[:B]
-        self._dense_now = B > 1 and bool(self.dense)  # batch 1: bitsandbytes' 4-bit GEMV reads less memory
-        try:
-            return self._decode_rows(B, T, tok, pos, base)
-        finally:
-            self._dense_now = False
-
-    def _linear(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w = self.dense.get(m) if self._dense_now else None
-        return m(x) if w is None else F.linear(x, w, m.bias)
+        return self._decode_rows(B, T, self._tok[:B], self._pos[:B], self._base[:B])
 
     def _decode_rows(self, B: int, T: int, tok: torch.Tensor, pos: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The step itself: logits [B, V] of tokens tok [B] at positions pos [B] of ranges starting at base [B]."""
@@ -435,6 +480,35 @@ class NeoxRunner(NeoxForward):
             return f"{type(e).__name__}: {e}"
         return None
 
+    def varlen_problem(self, tol: float = 1e-2) -> str | None:
+        """Why prefill must not attend through torch's variable-length flash attention (absent, failing, or
+        unlike the chunk-by-chunk SDPA it replaces: a whole prompt and a chunk after cached positions, whose
+        causal mask must align to its last key), or None."""
+        if _varlen_attn is None:
+            return "torch has no torch.nn.attention.varlen"
+        if "num_splits" not in _VARLEN_KW:
+            return "this torch's varlen_attn cannot fix its key splits (num_splits), so its results would depend on the batch"
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            return f"flash attention does not run in {self.dtype}"
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            starts, lens = [0, 7], [5, 4]
+            q = torch.randn(sum(lens), self.H, self.hd, generator=g).to(self.device, self.dtype)  # [N, H, hd]
+            k, v = (torch.randn(sum(lens) + sum(starts), self.H, self.hd, generator=g).to(self.device, self.dtype)
+                    for _ in range(2))  # [Nk, H, hd]
+            want = self._packed_attention(starts, lens)(q, k, v)
+            self._varlen_ok = True
+            try:
+                got = self._packed_attention(starts, lens)(q, k, v)
+            finally:
+                self._varlen_ok = False
+            err = (got.float() - want.float()).abs().max().nan_to_num(float("inf")).item()
+            if not err <= tol:
+                return f"varlen attention differs from SDPA by {err:.2e}"
+        except Exception as e:  # noqa: BLE001 - e.g. no flash kernel for this GPU or head size
+            return f"{type(e).__name__}: {e}"
+        return None
+
     def _batch(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n) if self.use_graphs else n
 
@@ -538,11 +612,13 @@ class NeoxRunner(NeoxForward):
         return g, out
 
     @torch.inference_mode()
-    def warm_up(self, max_batch: int) -> None:
+    def warm_up(self, max_batch: int, max_position: int | None = None) -> None:
         """Capture the decode graph of every (batch bucket, length bucket) before the replica reports ready, so
-        that no graph is ever captured while serving."""
+        that no graph is ever captured while serving (max_position: only the length buckets up to the one that
+        holds it, for profiles)."""
         if self.use_graphs:
-            for T in self.len_buckets:
+            top = self.max_len if max_position is None else next(t for t in self.len_buckets if t > max_position)
+            for T in [t for t in self.len_buckets if t <= top]:
                 for B in self.batch_buckets:
                     if B <= max_batch:
                         self._graphs[(B, T)] = self._capture(B, T)

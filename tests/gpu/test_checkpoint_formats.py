@@ -113,10 +113,14 @@ def test_fp4_float32_checkpoint_serves_at_float16_like_quantizing_at_load(fp4_ch
     at_load = _engine(model_dir(), "fp4")  # the same fp16 weights, quantized as fp4 while loading
     scores_load, rate_load, _ = _score_rate(at_load, pairs)
     gen_load = run(generate(at_load))
+    # Each engine's tokens are its model's greedy choices, up to a near-tie (TIE): not compared token for token,
+    # since whether the two prompts share a prefill step depends on their arrival, and the matmuls' fp16 rounding
+    # on how many tokens a step holds, which is enough to flip a near-tie (seen: 8401 or 5486 at the 26th token).
+    for p, g in zip(prompts, gen_load):
+        assert max(greedy_gaps(at_load.lm.model, p, g, eos_id=at_load.lm.eos_token_id, min_new=32)) <= TIE
     at_load.close()
     del at_load
     _release()
-    assert gen_load == gen_saved
     diff = max(abs(a - b) for a, b in zip(scores_saved, scores_load))
     assert diff <= 1e-4, f"saved fp4 checkpoint scores {diff} away from the same weights quantized at load"
 

@@ -61,6 +61,32 @@ def test_fused_kernels_equal_the_torch_path(engine):
     assert max(rel) <= REL and gap <= TIE
 
 
+def test_packed_prefill_attention_equals_chunk_by_chunk(engine):
+    """Prefill's one variable-length flash-attention call over all chunks of a step against SDPA chunk by chunk,
+    on the same runner and cache: whole prompts, and a prompt cut by the step budget whose second chunk attends
+    to its cached positions (the mask aligned to its last key)."""
+    from service.engine.neox import _VARLEN_KW
+
+    r = _runner(engine, True, True)
+    if "num_splits" not in _VARLEN_KW:  # this torch's varlen attention would make a chunk's output batch-dependent
+        assert not r._varlen_ok and "num_splits" in r.varlen_problem()
+        record("packed_prefill_vs_chunked", varlen="off: no num_splits in this torch")
+        return
+    assert r._varlen_ok and r.varlen_problem() is None  # torch's varlen attention runs here and passed its check
+    p = [prompt_ids(n, seed=n) for n in (30, 700, 1500)]
+    b = [i * r.max_len for i in range(3)]
+    steps = [[(b[0], p[0], 0), (b[1], p[1], 0), (b[2], p[2][:600], 0)], [(b[2], p[2][600:], 600)]]
+    logits = {}
+    for packed in (True, False):
+        r._varlen_ok = packed
+        logits[packed] = [r.prefill(c) for c in steps]  # [3, V], [1, V]
+    rel = [float((a - c).norm() / c.norm()) for a, c in zip(logits[True], logits[False])]
+    record("packed_prefill_vs_chunked", max_rel=max(rel))
+    assert max(rel) <= REL
+    del r
+    torch.cuda.empty_cache()
+
+
 def test_dequantized_decode_equals_the_4bit_kernels(engine):
     """Batch 4 (dequantized weights are used above one row), fused kernels in both."""
     four_bit, dense = _runner(engine, True, False), _runner(engine, True, True)

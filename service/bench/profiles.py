@@ -1,5 +1,5 @@
 """GPU profiles beside the benchmark: the decode step, the prefill step, the decode attention kernel's launch settings,
-the real-traffic rows on the engine alone, Score in-process, and multi-GPU autoscaling."""
+the 4-bit matmul kernel, the real-traffic rows on the engine alone, Score in-process, and multi-GPU autoscaling."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +16,83 @@ import torch
 from .baselines import sync
 from .driver import free_port, pct, percentiles
 from .workloads import BenchConfig, make_workloads, traffic_requests
+
+def graph_us(fn, iters: int) -> float:
+    """GPU microseconds per call of fn(), `iters` calls replayed from one CUDA graph as the engine's decode step runs
+    them (timed eagerly, small calls would measure Python's launch overhead instead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and allocate outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    g.replay()
+    sync()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    g.replay()
+    e1.record()
+    sync()
+    return e0.elapsed_time(e1) / iters * 1000
+
+
+def gemm4bit_sweep(model: str, out: Path, rows=(1, 8, 16, 32, 64, 128), iters: int = 20) -> dict:
+    """engine/gemm4bit.py's 4-bit matmul against the dense fp16 copies (F.linear, cuBLAS) and bitsandbytes' own
+    layer, on layer 0's four linear layers of the model, at decode batch sizes: microseconds per call (CUDA graph)
+    over a few launch settings, the packed weights' read rate, each result's error against the dense copy's, and
+    per row count the whole step's projected matmul time (28 layers) for each path."""
+    import torch.nn.functional as F
+
+    from ..engine import gemm4bit, loader
+    from ..engine.config import ModelConfig
+    from ..engine.neox import dequantized_weights
+
+    lm = loader.load(ModelConfig(model=model))
+    layer = lm.model.gpt_neox.layers[0]
+    mods = {"query_key_value": layer.attention.query_key_value, "dense": layer.attention.dense,
+            "dense_h_to_4h": layer.mlp.dense_h_to_4h, "dense_4h_to_h": layer.mlp.dense_4h_to_h}
+    dense = dequantized_weights(lm.model, lm.compute_dtype)
+    # Packed before any of bitsandbytes' own calls (on some CPUs its first call repacks the weights in place).
+    packs = {name: gemm4bit.pack(m.weight.data, m.weight.quant_state) for name, m in mods.items()}
+    n_layers = len(lm.model.gpt_neox.layers)
+    res: dict = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "cases": [],
+                 "step_ms": {}}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for M in rows:
+        step = {"dense": 0.0, "bitsandbytes": 0.0, "gemm4bit_best": 0.0}
+        for name, m in mods.items():
+            w = packs[name]
+            x = torch.randn(M, w.in_features, generator=g).to(lm.device, lm.compute_dtype)
+            ref = F.linear(x, dense[m], m.bias)
+            case = {"layer": name, "rows": M, "dense_us": graph_us(lambda: F.linear(x, dense[m], m.bias), iters),
+                    "bitsandbytes_us": graph_us(lambda: m(x), iters), "runs": []}
+            for block_n, split, warps in itertools.product((64, 128), (1, 2, 4, 8), (4, 8)):
+                if w.in_features % (split * 2 * gemm4bit.BLOCK):
+                    continue
+                kw = {"split": split, "block_n": block_n}
+                got = gemm4bit.matmul(x, w, m.bias, num_warps=warps, **kw)
+                err = float((got.float() - ref.float()).norm() / ref.float().norm())
+                us = graph_us(lambda: gemm4bit.matmul(x, w, m.bias, num_warps=warps, **kw), iters)
+                case["runs"].append({"block_n": block_n, "split": split, "warps": warps, "us": us, "rel_err": err,
+                                     "tb_per_s": w.codes.numel() / us / 1e6})
+            case["runs"].sort(key=lambda r: r["us"])
+            case["runs"] = case["runs"][:6]
+            best = case["runs"][0]
+            step["dense"] += case["dense_us"] * n_layers / 1000
+            step["bitsandbytes"] += case["bitsandbytes_us"] * n_layers / 1000
+            step["gemm4bit_best"] += best["us"] * n_layers / 1000
+            res["cases"].append(case)
+            print(json.dumps({k: case[k] for k in ("layer", "rows", "dense_us", "bitsandbytes_us")} | {"best": best}),
+                  flush=True)
+        res["step_ms"][str(M)] = step
+        print(M, step, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gemm4bit-sweep.json").write_text(json.dumps(res, indent=2))
+    return res
+
 
 def profile_decode(model: str, out: Path, batches=(1, 8, 64), prompt_len: int = 32, steps: int = 50) -> dict:
     """Where a decode step's time goes, without the serving layer: step time eager, in a CUDA graph, and in
@@ -152,25 +229,7 @@ def attention_sweep(out: Path, heads: int = 16, head_dim: int = 256, iters: int 
     caches = {"float16": (kc, vc, None, None), "int8": (k8, v8, ks, vs)}
 
     def timed(*args, **kw) -> float:
-        """GPU microseconds per call, `iters` calls replayed from one CUDA graph as the engine's decode step runs
-        them (timed eagerly, small calls would measure Python's launch overhead instead)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fused.decode_attention(*args, **kw)  # compile outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(iters):
-                fused.decode_attention(*args, **kw)
-        g.replay()
-        sync()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        sync()
-        return e0.elapsed_time(e1) / iters * 1000
+        return graph_us(lambda: fused.decode_attention(*args, **kw), iters)
 
     for kv, (kc, vc, ks, vs) in caches.items():
         for rows, lo, hi, tmax in cases:

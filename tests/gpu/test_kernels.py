@@ -87,6 +87,29 @@ def test_packed_prefill_attention_equals_chunk_by_chunk(engine):
     torch.cuda.empty_cache()
 
 
+def test_gemm4bit_equals_the_dense_copies(engine):
+    """engine/gemm4bit.py's 4-bit matmul, compiled on the GPU, on layer 0's four linear layers of the 5.8B shape
+    against F.linear on the dense copies (the same weights): batch sizes of decode and prefill, with K split."""
+    import torch.nn.functional as F
+
+    from service.engine import gemm4bit
+
+    layer = engine.lm.model.gpt_neox.layers[0]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    worst = 0.0
+    for m in (layer.attention.query_key_value, layer.attention.dense, layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h):
+        w = gemm4bit.pack(m.weight.data, m.weight.quant_state)
+        assert w is not None and torch.equal(w.dequantize(torch.float16), engine.runner.dense[m])
+        for rows in (1, 8, 64, 200):
+            x = torch.randn(rows, w.in_features, generator=g).to(engine.lm.device, torch.float16)
+            ref = F.linear(x, engine.runner.dense[m], m.bias).float()
+            for split in (None, 1):
+                got = gemm4bit.matmul(x, w, m.bias, split=split).float()
+                worst = max(worst, float((got - ref).norm() / ref.norm()))
+    record("gemm4bit_vs_dense", max_rel=worst)
+    assert worst <= 1e-3  # fp32 sums in another order, then fp16: ~3e-4 on the CPU interpreter
+
+
 def test_dequantized_decode_equals_the_4bit_kernels(engine):
     """Batch 4 (dequantized weights are used above one row), fused kernels in both."""
     four_bit, dense = _runner(engine, True, False), _runner(engine, True, True)

@@ -1,0 +1,41 @@
+"""The 4-bit matmul kernel (engine/gemm4bit.py), run on the CPU by Triton's interpreter against bitsandbytes' own
+dequantization: its weights equal dequantize_4bit's bit for bit, its products those weights' within fp32 summation."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+CHECK = textwrap.dedent("""
+    import torch
+    import bitsandbytes.functional as bnbf
+    from service.engine import gemm4bit
+
+    g = torch.Generator().manual_seed(0)
+    # nf4 and fp4, double-quantized scales or not; rows and outputs that leave partial tiles; splits of K.
+    for qt, nested, M, N, K in (("nf4", True, 5, 96, 256), ("fp4", False, 33, 64, 512), ("nf4", False, 1, 130, 128)):
+        W = torch.randn(N, K, generator=g).half()
+        p, st = bnbf.quantize_4bit(W, blocksize=64, quant_type=qt, compress_statistics=nested)
+        packed = gemm4bit.pack(p, st)
+        ref_w = bnbf.dequantize_4bit(p, st)  # [N, K] fp16
+        assert torch.equal(packed.dequantize(torch.float16), ref_w), qt
+        x = torch.randn(2, M, K, generator=g).half()
+        bias = torch.randn(N, generator=g).half()
+        want = x.float() @ ref_w.float().T + bias.float()  # [2, M, N]
+        for split in (1, 2):
+            got = gemm4bit.matmul(x, packed, bias, split=split, block_m=16, block_n=64)
+            assert got.shape == (2, M, N) and got.dtype == torch.float16
+            rel = ((got.float() - want).norm() / want.norm()).item()
+            # fp16 output rounding and fp32 summation order: ~3e-4; a swapped nibble order gives 1.4
+            assert rel < 2e-3, (qt, M, N, K, split, rel)
+    assert gemm4bit.pack(p, type(st)(absmax=st.absmax, shape=st.shape, code=st.code, blocksize=128,
+                                     quant_type=st.quant_type, dtype=st.dtype)) is None  # another block size
+    print("ok")
+""")
+
+
+def test_gemm4bit_equals_bitsandbytes_dequantized_weights():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]

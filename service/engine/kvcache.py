@@ -6,8 +6,9 @@ once, or a smaller GPU). It does not make a step faster on an H200: a decode ste
 layer against 158 for float16 on tensor cores; bench --attention-sweep). Each (head, position) vector of keys or
 values gets its own float32 scale (absolute maximum / 127, rounded to nearest): the error is at most half a step
 of that vector's own range, whatever the other heads or tokens hold (GPU suite: logits within 3.4e-3 of the
-float16 cache's, the same greedy choices). Writes go through store() (prefill, the torch decode path) or the fused
-decode kernel (engine/fused.py), which quantizes the same way; reads through gather() or that kernel.
+float16 cache's, the same greedy choices). Writes go through store() (the torch prefill and decode paths) or, on the
+GPU, fused.rope_store (prefill and decode alike), which quantizes the same way; reads through gather() or the fused
+attention kernel.
 """
 from __future__ import annotations
 

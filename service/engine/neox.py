@@ -1,9 +1,10 @@
 """GPT-NeoX forward over a preallocated KV cache: packed prefill of prompt chunks and batched decode of many sequences.
 
 The weights are the transformers model's own modules (so bitsandbytes' nf4 Linear4bit layers run as
-loaded); only the attention bookkeeping is ours. The cache is one pool of token positions per layer;
-each sequence owns a contiguous range of it (engine/kvspace.py), so prefill attends over a plain slice,
-and a decode step over batch rows 0..n-1 is told where each row's range starts. On CUDA that step is
+loaded, or their dense copies for several tokens); only the attention bookkeeping is ours. The cache is one pool
+of token positions per layer; each sequence owns a contiguous range of it (engine/kvspace.py): prefill and decode
+write it through the same kernel on the GPU, prefill then attends over each chunk's range, and a decode step over
+batch rows 0..n-1 is told where each row's range starts. On CUDA that step is
 captured once per (batch bucket, length bucket) in a CUDA graph: a batch-1 step is ~60 kernel launches
 per layer, which cost more than the nf4 matmuls themselves. Every bucket is captured by warm_up() before
 the replica serves; a capture's warm-up steps run on a scratch window, never on a live sequence's range.

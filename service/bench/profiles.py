@@ -173,7 +173,8 @@ def profile_prefill(model: str, out: Path, budgets=(1024, 2048, 4096), steps: in
                         dense=dequantized_weights(lm.model, lm.compute_dtype))
     # Multiply-adds per token of the four linear layers of every block (their weights' elements).
     flop_per_token = 2 * sum(w.numel() for w in runner.dense.values())
-    res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "flop_per_token": flop_per_token, "budgets": {}}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    res: dict = {"device": device, "flop_per_token": flop_per_token, "budgets": {}}
 
     def chunks(budget: int, seed: int):
         rng, out, left = random.Random(seed), [], budget

@@ -232,7 +232,8 @@ if triton is not None:
 _SMS: dict[int, int] = {}
 
 
-def _sms(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
+    """The CUDA device's multiprocessor count (asked once per device)."""
     if device.index not in _SMS:
         _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SMS[device.index]
@@ -254,7 +255,7 @@ def attention_launch(rows: int, tmax: int, device: torch.device, int8: bool = Fa
     Each split keeps at least one block of keys."""
     if device.type != "cuda":
         return 1, 64, 4, False
-    few = rows < _sms(device)
+    few = rows < multiprocessors(device)
     if int8:
         if few:
             return max(1, min(16, tmax // 128)), 128, 4, False

@@ -16,6 +16,8 @@ import dataclasses
 
 import torch
 
+from . import fused
+
 try:
     import triton
     import triton.language as tl
@@ -94,7 +96,7 @@ def launch(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int]
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n = 64
     programs = -(-M // block_m) * -(-N // block_n)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = fused.multiprocessors(device) if device.type == "cuda" else 1
     split = 1
     while programs * split < sms and K % (2 * split * BLOCK) == 0 and K // (2 * split) >= 4 * BLOCK:
         split *= 2

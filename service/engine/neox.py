@@ -310,7 +310,7 @@ class NeoxRunner(NeoxForward):
         base = torch.tensor([b for (b, ids, _) in chunks for _ in ids], device=dev)  # [N]
         # The keys each chunk attends to, packed chunk after chunk: its sequence's cached positions, then its own.
         keys = torch.tensor([b + t for (b, ids, s) in chunks for t in range(s + len(ids))], device=dev)  # [Nk]
-        attend = self._packed_attention([s for _, _, s in chunks], lens)
+        attend = self._packed_attention([s for _, _, s in chunks], lens, self._varlen_ok)
         for li in range(len(self.layers)):
             x = self._prefill_layer(li, x, base, pos, keys, attend)
         last = torch.tensor(list(itertools.accumulate(lens)), device=dev) - 1
@@ -323,10 +323,7 @@ class NeoxRunner(NeoxForward):
         N, D = x.shape
         layer = self.layers[li]
         attn = layer.attention
-        if self.fused and self.parallel:
-            h, h_mlp = fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [N, D]
-        else:
-            h, h_mlp = layer.input_layernorm(x), None
+        h, h_mlp = self._norms(layer, x)
         qkv = self._linear(attn.query_key_value, h)  # [N, 3D]
         if self.fused:
             kc, vc, ks, vs = self.kv.kernel_args(li)
@@ -343,13 +340,20 @@ class NeoxRunner(NeoxForward):
         a = self._linear(attn.dense, a.reshape(N, D))  # [N, D]
         return self._residual(li, x, a, h_mlp)
 
-    def _packed_attention(self, starts: list[int], lens: list[int]):
+    def _norms(self, layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input_layernorm(x), post_attention_layernorm(x) or None) of tokens x [N, D]: both in one fused kernel
+        where they share their input (parallel residual), else the first only (_residual computes the second)."""
+        if self.fused and self.parallel:
+            return fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [N, D]
+        return layer.input_layernorm(x), None
+
+    def _packed_attention(self, starts: list[int], lens: list[int], varlen: bool):
         """attend(q [N, H, hd], k [Nk, H, hd], v [Nk, H, hd]) -> [N, H, hd] for packed chunks: chunk i's lens[i]
         queries sit at positions starts[i].. of their sequence, and its starts[i] + lens[i] keys follow the
         previous chunk's; each query sees its sequence's keys up to its own position (causal, aligned to the
-        last key)."""
+        last key). varlen: in one torch.nn.attention.varlen call, else SDPA chunk by chunk."""
         klens = [s + n for s, n in zip(starts, lens)]
-        if self._varlen_ok:
+        if varlen:
             cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=self.device)
                           for n in (lens, klens))
             return lambda q, k, v: _varlen_attn(q, k, v, cu_q, cu_k, max(lens), max(klens), **_VARLEN_KW)
@@ -372,11 +376,9 @@ class NeoxRunner(NeoxForward):
         return self.prefill([(b, p, 0) for b, p in zip(bases, prompts)])
 
     def _decode_eager(self, B: int, T: int) -> torch.Tensor:
-        """One token for each of batch rows 0..B-1, attending to its cache positions < T."""
-        return self._decode_rows(B, T, self._tok[:B], self._pos[:B], self._base[:B])
-
-    def _decode_rows(self, B: int, T: int, tok: torch.Tensor, pos: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """The step itself: logits [B, V] of tokens tok [B] at positions pos [B] of ranges starting at base [B]."""
+        """One token for each of batch rows 0..B-1 (the static inputs' tokens [B] at their positions [B] of ranges
+        starting at their bases [B]), attending to its cache positions < T: logits [B, V]."""
+        tok, pos, base = self._tok[:B], self._pos[:B], self._base[:B]
         x = self.embed(tok)[:, None].to(self.dtype)  # [B, 1, D]
         if self.fused:
             x = x[:, 0]  # [B, D]
@@ -426,10 +428,7 @@ class NeoxRunner(NeoxForward):
         B = x.shape[0]
         layer = self.layers[li]
         attn = layer.attention
-        if self.parallel:
-            h, h_mlp = fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [B, D]
-        else:
-            h, h_mlp = layer.input_layernorm(x), None
+        h, h_mlp = self._norms(layer, x)
         kc, vc, ks, vs = self.kv.kernel_args(li)
         q = fused.rope_store(self._linear(attn.query_key_value, h), self.cos, self.sin, base, pos, kc, vc,
                              self.H, self.hd, self.rot, ks, vs)  # [B, H, 1, hd]
@@ -497,12 +496,8 @@ class NeoxRunner(NeoxForward):
             q = torch.randn(sum(lens), self.H, self.hd, generator=g).to(self.device, self.dtype)  # [N, H, hd]
             k, v = (torch.randn(sum(lens) + sum(starts), self.H, self.hd, generator=g).to(self.device, self.dtype)
                     for _ in range(2))  # [Nk, H, hd]
-            want = self._packed_attention(starts, lens)(q, k, v)
-            self._varlen_ok = True
-            try:
-                got = self._packed_attention(starts, lens)(q, k, v)
-            finally:
-                self._varlen_ok = False
+            want = self._packed_attention(starts, lens, varlen=False)(q, k, v)
+            got = self._packed_attention(starts, lens, varlen=True)(q, k, v)
             err = (got.float() - want.float()).abs().max().nan_to_num(float("inf")).item()
             if not err <= tol:
                 return f"varlen attention differs from SDPA by {err:.2e}"

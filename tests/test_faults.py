@@ -33,10 +33,13 @@ def _score_four_unretried(c: Client) -> None:
     _score_four(c)
 
 
-def _kill_one_under_load(tiny_dir, replicas: int, score, stream_retry=None, edit=None, metric=None):
+def _kill_one_under_load(tiny_dir, replicas: int, score, lost, stream_retry=None, edit=None, metric=None,
+                         kills: int = 3):
     """Streams and Scores loop while one of `replicas` replicas is SIGKILLed; returns (streams, scores, details,
-    Scores done before the kill, streams done before the replacement came up, the sum of `metric` once it is
-    exported) after the replacement served."""
+    Scores done before the first kill, streams done before the last replacement came up, the sum of `metric` once it
+    is exported) after the replacement served. `lost(streams)`: whether some stream was cut by a kill; while not
+    (the killed replica held no stream at that instant: seen on 2 of 6 CI runs), a replica is killed again, up to
+    `kills` times."""
     from ray import serve
 
     streams: collections.Counter = collections.Counter()
@@ -50,22 +53,25 @@ def _kill_one_under_load(tiny_dir, replicas: int, score, stream_retry=None, edit
                                       details=details)
             threads += looping(s["address"], stop, scores, 4, score)
             time.sleep(4)
-            pids = replica_pids()
-            assert len(pids) == replicas
             scores_before_kill = scores["OK"]
-            os.kill(int(pids[0]), signal.SIGKILL)
-            deadline = time.monotonic() + 120
+            for _ in range(kills):
+                pids = replica_pids()
+                assert len(pids) == replicas
+                os.kill(int(pids[0]), signal.SIGKILL)
+                deadline = time.monotonic() + 120
 
-            def replaced() -> bool:
-                now = replica_pids()
-                running = serve.status().applications["polyglot"].deployments["LanguageModel"].replica_states
-                return len(now) == replicas and now != pids and running.get("RUNNING", 0) == replicas
+                def replaced() -> bool:
+                    now = replica_pids()
+                    running = serve.status().applications["polyglot"].deployments["LanguageModel"].replica_states
+                    return len(now) == replicas and now != pids and running.get("RUNNING", 0) == replicas
 
-            while not replaced():
-                assert time.monotonic() < deadline, "the replica did not come back"
-                time.sleep(1)
-            ok_before = streams["OK"]
-            time.sleep(5)
+                while not replaced():
+                    assert time.monotonic() < deadline, "the replica did not come back"
+                    time.sleep(1)
+                ok_before = streams["OK"]
+                time.sleep(5)
+                if lost(streams):
+                    break
         finally:
             stop.set()
         for t in threads:
@@ -80,7 +86,8 @@ def _kill_one_under_load(tiny_dir, replicas: int, score, stream_retry=None, edit
 
 
 def test_killed_replica_fails_streams_fast_retries_scores_and_comes_back(tiny_dir):
-    streams, scores, _, scores_before_kill, ok_before, _ = _kill_one_under_load(tiny_dir, 1, _score_four)
+    streams, scores, _, scores_before_kill, ok_before, _ = _kill_one_under_load(
+        tiny_dir, 1, _score_four, lambda s: s["INTERNAL"] + s["UNAVAILABLE"] >= 1)
     assert scores_before_kill > 0 and set(scores) == {"OK"}, scores  # the client's policy retried them, none lost
     assert streams["OK"] > ok_before  # the new replica serves the same clients
     assert set(streams) <= {"OK", "INTERNAL", "UNAVAILABLE"}, streams  # failed fast, never DEADLINE_EXCEEDED
@@ -92,7 +99,7 @@ def test_with_the_frontend_a_killed_replica_is_unavailable_to_its_streams_and_sc
         cfg["applications"][0]["args"]["frontend"] = True
 
     streams, scores, details, scores_before_kill, ok_before, lost = _kill_one_under_load(
-        tiny_dir, 2, _score_four_unretried, stream_retry=NO_RETRY, edit=with_frontend,
+        tiny_dir, 2, _score_four_unretried, lambda s: s["UNAVAILABLE"] >= 1, stream_retry=NO_RETRY, edit=with_frontend,
         metric="ray_polyglot_replica_lost_total")
     assert scores_before_kill > 0 and set(scores) == {"OK"}, scores  # retried on the other replica, none lost
     assert streams["OK"] > ok_before  # the replicas serve the same clients

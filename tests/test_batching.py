@@ -245,7 +245,9 @@ def test_dequantized_decode_gives_the_4bit_kernels_tokens(tiny_dir, engine_nf4):
         Counting.used = 0
         got = run(engine.score(batch, ScoreOptions()))
         assert Counting.used > 0
-        assert [r.logprob for r in got] == pytest.approx([r.logprob for r in want], abs=2e-2)
+        # bitsandbytes' CPU kernel computes in bf16 (below): seen 0.033 off -41.8 (a 4-token continuation) and
+        # 0.013 off -9.78 (one token after a longer context); a wrong weight is off by whole units.
+        assert [r.logprob for r in got] == pytest.approx([r.logprob for r in want], rel=3e-3, abs=2e-2)
     Counting.used = 0
     params = GenerationParams(max_new_tokens=10, min_new_tokens=10, logprobs=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 
 import pytest
 
@@ -175,7 +176,7 @@ def test_a_restarted_batcher_serves_the_callers_already_queued():
 
 
 def test_drain_rate_measures_only_time_with_waiters():
-    from service.engine.scheduler import DrainRate
+    from service.engine.drain import DrainRate
 
     d = DrainRate(horizon_s=1e9)  # no decay: exact arithmetic
     assert d.expected_wait(1, 0.0) is None
@@ -193,7 +194,7 @@ def test_drain_rate_measures_only_time_with_waiters():
 
 
 def test_drain_rate_forgets_old_traffic():
-    from service.engine.scheduler import DrainRate
+    from service.engine.drain import DrainRate
 
     d = DrainRate(horizon_s=10.0)
     d.tick(0.0, 0, waiting_after=True)
@@ -202,6 +203,109 @@ def test_drain_rate_forgets_old_traffic():
     assert d.rate(40.0) == pytest.approx(1.0)  # idle decays both sides alike
     busy, admitted = d._at_time(40.0)
     assert admitted == pytest.approx(10 * math.exp(-3.0))
+
+
+async def _per_token(items, seconds=1e-3):
+    """A Score forward pass that takes `seconds` per token of its batch."""
+    await asyncio.sleep(seconds * sum(i.length for i in items))
+    return [i.length for i in items]
+
+
+def test_score_whose_work_would_not_be_done_by_its_deadline_is_refused_at_once():
+    """Batches of 4 x 100 tokens at 1 ms per token (0.4 s each) behind a queue of 12 items: once one batch has run,
+    a call that needs more than its 0.5 s to be done behind the 800 tokens still queued is refused at once, with the
+    wait in its message (800 tokens take at least 0.8 s); one with 30 s is admitted and scored; one whose queue limit (start_by) is below the
+    expected start is refused too. Before any batch ran, nothing was measured, and a tight deadline is admitted."""
+    ran = []
+
+    async def run(items):
+        ran.extend(i.length for i in items)
+        return await _per_token(items)
+
+    async def main():
+        b = ScoreBatcher(run, BatchConfig(max_wait_ms=0, max_batch_pairs=4), 400, lambda s: None)
+        flood = asyncio.ensure_future(asyncio.gather(*(b.submit([_item(100)]) for _ in range(12))))
+        await asyncio.sleep(0)
+        unmeasured = asyncio.ensure_future(b.submit([_item(7)], finish_by=time.monotonic() + 0.5))
+        while not b.drain.admitted:  # until the first batch (0.4 s) is done
+            await asyncio.sleep(0.01)
+        assert 0 < b.drain.rate(time.monotonic()) <= 1000  # at most the fake's 1 ms per token
+        t0 = time.monotonic()
+        with pytest.raises(QueueFull) as late:
+            await b.submit([_item(9)], finish_by=t0 + 0.5)
+        with pytest.raises(QueueFull) as slow_start:
+            await b.submit([_item(9)], start_by=t0 + 0.3, finish_by=t0 + 5)
+        refused_in = time.monotonic() - t0
+        ok = await asyncio.wait_for(b.submit([_item(11)], finish_by=time.monotonic() + 30), 30)
+        await flood
+        unmeasured_out = await asyncio.gather(unmeasured, return_exceptions=True)
+        return late.value, slow_start.value, refused_in, ok, unmeasured_out, b.backlog_tokens
+
+    late, slow_start, refused_in, ok, unmeasured_out, backlog = asyncio.run(main())
+    assert late.reason == "expected_wait" and "to be done" in str(late) and "tokens queued ahead" in str(late)
+    assert slow_start.reason == "expected_wait" and "to start" in str(slow_start)
+    assert refused_in < 0.2  # at once, not after waiting
+    assert ok == [11] and 9 not in ran  # the refused calls never reached the model
+    assert len(unmeasured_out) == 1 and not isinstance(unmeasured_out[0], QueueFull)
+    assert backlog == 0  # every item left the backlog (scored, refused or expired)
+
+
+def test_score_work_still_queued_at_its_start_limit_is_refused_and_never_run():
+    """Nothing measured yet (so admitted), behind a 0.3 s batch: a call with start_by 0.1 s away is refused with
+    "waited_too_long" when its batch would form, and the model never sees its tokens; its neighbour with no limit
+    is scored; a two-item call whose first item expires cancels its second."""
+    ran = []
+
+    async def run(items):
+        ran.extend(i.length for i in items)
+        return await _per_token(items)
+
+    async def main():
+        b = ScoreBatcher(run, BatchConfig(max_wait_ms=0, max_batch_pairs=1), 10_000, lambda s: None)
+        first = asyncio.ensure_future(b.submit([_item(300)]))
+        await asyncio.sleep(0.01)
+        soon = time.monotonic() + 0.1
+        gone = asyncio.ensure_future(b.submit([_item(5)], start_by=soon))
+        pair = asyncio.ensure_future(b.submit([_item(6), _item(4)], start_by=soon))
+        kept = asyncio.ensure_future(b.submit([_item(3)]))
+        out = await asyncio.gather(first, gone, pair, kept, return_exceptions=True)
+        return out, b.backlog_tokens
+
+    (first, gone, pair, kept), backlog = asyncio.run(main())
+    assert first == [300] and kept == [3]
+    for e in (gone, pair):
+        assert isinstance(e, QueueFull) and e.reason == "waited_too_long" and "Score batch" in str(e), e
+    assert sorted(ran) == [3, 300] and backlog == 0
+
+
+def test_score_deadlines_come_from_the_caller_and_the_queue_limit(engine_fp32, monkeypatch):
+    """Engine.score hands its batcher finish_by at 90 % of the caller's timeout and start_by at the earlier of
+    that and BatchConfig.max_queue_ms; without either, no limit."""
+    seen = []
+
+    class Recorder:
+        queued_pairs = 0
+
+        async def submit(self, items, start_by=None, finish_by=None):
+            seen.append((start_by, finish_by))
+            return [None] * len(items)
+
+    e = engine_fp32
+    monkeypatch.setattr(e, "_batcher", Recorder())
+
+    def limits(timeout_s):
+        t0 = time.monotonic()
+        run(e.score([("오늘은 날씨가", " 맑다")], ScoreOptions(), timeout_s))
+        start_by, finish_by = seen.pop()
+        return tuple(None if x is None else round(x - t0, 1) for x in (start_by, finish_by))
+
+    monkeypatch.setattr(e.cfg.batch, "max_queue_ms", 0)
+    assert limits(None) == (None, None)
+    assert limits(10.0) == (9.0, 9.0)
+    monkeypatch.setattr(e.cfg.batch, "max_queue_ms", 2000)
+    assert limits(10.0) == (2.0, 9.0)
+    assert limits(1.0) == (0.9, 0.9)
+    assert limits(None) == (2.0, None)
 
 
 def test_cancelled_waiters_do_not_turn_idle_time_into_queueing(engine_small):
@@ -294,7 +398,7 @@ def test_generate_is_refused_by_its_deadline_not_left_waiting(engine_small):
         await asyncio.gather(*busy, return_exceptions=True)
         return first.value, waited, second.value, at_once
 
-    from service.engine.scheduler import DrainRate
+    from service.engine.drain import DrainRate
 
     engine_small.scheduler.drain = DrainRate()  # the fixture is shared: no drain history from other tests
     try:

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from conftest import serving
-from service.api.pb import lm_pb2_grpc
+from service.api.pb import lm_pb2, lm_pb2_grpc
 from service.client import Client
 from test_load import score, stream
 
@@ -81,6 +81,10 @@ def test_a_deadline_that_the_queue_cannot_meet_is_refused_before_it_passes(tiny_
             with pytest.raises(grpc.RpcError) as bad:
                 lm_pb2_grpc.LanguageModelStub(ch).Generate(Client.request("안녕", max_new_tokens=2), timeout=30,
                                                            metadata=[("polyglot-timeout-ms", "soon")])
+            with pytest.raises(grpc.RpcError) as bad_score:  # Score reads the header too (its deadline admission)
+                lm_pb2_grpc.LanguageModelStub(ch).Score(
+                    lm_pb2.ScoreRequest(pairs=[lm_pb2.ScorePair(context="안녕", continuation="하세요")]), timeout=30,
+                    metadata=[("polyglot-timeout-ms", "0")])
         still = [h.running() for h in held]
         for h in held:
             h.cancel()
@@ -91,6 +95,8 @@ def test_a_deadline_that_the_queue_cannot_meet_is_refused_before_it_passes(tiny_
         assert at_once.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, at_once.value
         assert "expected wait" in at_once.value.details() and t2 - t1 < 0.5
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "polyglot-timeout-ms" in bad.value.details()
+        assert bad_score.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad_score.value
+        assert "polyglot-timeout-ms must be positive" in bad_score.value.details()
         deadline = time.monotonic() + 60
         while True:  # Ray exports replica metrics every few seconds
             lines = urllib.request.urlopen(s["metrics"], timeout=10).read().decode().splitlines()

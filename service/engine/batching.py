@@ -8,6 +8,7 @@ import time
 from typing import Awaitable, Callable
 
 from .config import BatchConfig
+from .drain import DrainRate
 from .errors import QueueFull
 from .scoring import ChoiceGroup, PairResult, ScoreItem
 from .stats import ScoreBatchStats, StatsSink
@@ -20,6 +21,7 @@ class _Pending:
     item: ScoreItem | ChoiceGroup  # anything with .length (tokens) and .pairs
     future: asyncio.Future
     enqueued: float
+    start_by: float | None = None  # monotonic time after which it is refused rather than started
 
 
 def plan_batches(items: list, length: Callable[[object], int], max_tokens: int, max_rows: int) -> list[list]:
@@ -54,6 +56,12 @@ class ScoreBatcher:
     Work arriving while a round of batches runs waits for the next round, so nothing starves;
     within a round, items are sorted by length so padding stays small. A caller that is
     cancelled leaves its items behind; they are dropped before their batch is formed.
+
+    Admission by deadline: the batcher measures how many tokens it scores per second of time during which work
+    was queued (engine/drain.py, so time the model thread gives Generate steps counts against it). A call whose
+    tokens, behind the tokens already queued, would not be done by its `finish_by`, or would not start by its
+    `start_by`, is refused at once with QueueFull ("expected_wait"); one still queued at its `start_by` is refused
+    then ("waited_too_long") instead of being run for a caller that has given up.
     """
 
     def __init__(
@@ -71,17 +79,47 @@ class ScoreBatcher:
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.drain = DrainRate()
+        self._backlog = 0  # tokens submitted and not yet done (scored, failed or cancelled)
 
     @property
     def queued_pairs(self) -> int:
         return len(self._pending)
 
-    async def submit(self, items: list[ScoreItem]) -> list[PairResult]:
+    @property
+    def backlog_tokens(self) -> int:
+        return self._backlog
+
+    def _check_deadline(self, tokens: int, start_by: float | None, finish_by: float | None, now: float) -> None:
+        """QueueFull("expected_wait") when `tokens` queued behind the backlog would not start by `start_by` or be
+        done by `finish_by`, at the measured drain rate; nothing is refused before a rate has been measured."""
+        floor = self._budget()  # no batch done yet: as if a whole one would be done in the time stuck so far
+        checks = [(start_by, self._backlog, "start"), (finish_by, self._backlog + tokens, "be done")]
+        for limit, ahead, what in checks:
+            if limit is None or not ahead:
+                continue
+            wait = self.drain.expected_wait(ahead, now, floor)
+            if wait is not None and now + wait > limit:
+                raise QueueFull(f"expected wait for {tokens} Score tokens to {what} {wait:.1f} s ({self._backlog} "
+                                f"tokens queued ahead, scored at {self.drain.rate(now):.0f}/s) is beyond this "
+                                f"request's limit of {max(0.0, limit - now):.1f} s", "expected_wait")
+
+    def _done(self, p: _Pending, fut: asyncio.Future) -> None:
+        """Every queued item ends here once: its tokens leave the backlog; scored ones count as drained."""
+        self._backlog -= p.item.length
+        scored = not fut.cancelled() and fut.exception() is None
+        self.drain.tick(time.monotonic(), p.item.length if scored else 0, self._backlog > 0)
+
+    async def submit(self, items: list[ScoreItem], start_by: float | None = None,
+                     finish_by: float | None = None) -> list[PairResult]:
+        """The items' results, in order, once their batches ran; `start_by` / `finish_by` (monotonic times): see
+        the class's admission by deadline."""
         if self._task is None or self._task.done():
             # (Re)start on the caller's loop. Callers still queued on this loop are served by the new task; those
             # of an event loop that ended went with it.
             loop = asyncio.get_running_loop()
             self._pending = [p for p in self._pending if p.future.get_loop() is loop and not p.future.done()]
+            self._backlog = sum(p.item.length for p in self._pending)  # the ended loop's items never finish
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._loop(), name="score-batcher")
             self._task.add_done_callback(self._stopped)
@@ -91,12 +129,19 @@ class ScoreBatcher:
             raise QueueFull(f"score queue is full ({len(self._pending)} pairs waiting); retry later")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        entries = [_Pending(it, loop.create_future(), now) for it in items]
+        tokens = sum(it.length for it in items)
+        self._check_deadline(tokens, start_by, finish_by, now)
+        entries = [_Pending(it, loop.create_future(), now, start_by) for it in items]
+        if not self._backlog:
+            self.drain.tick(now, 0, True)  # queueing starts now, not at the last batch
+        self._backlog += tokens
+        for e in entries:
+            e.future.add_done_callback(lambda f, e=e: self._done(e, f))
         self._pending.extend(entries)
         self._wake.set()
         try:
             return list(await asyncio.gather(*(e.future for e in entries)))
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or one item failed: the call's other items are not run for nobody
             for e in entries:
                 e.future.cancel()
             raise
@@ -139,14 +184,14 @@ class ScoreBatcher:
             if len(self._pending) < self._cfg.max_batch_pairs and self._cfg.max_wait_ms > 0:
                 # A lone request waits a moment for company; under load the GPU is the wait.
                 await asyncio.sleep(self._cfg.max_wait_ms / 1000)
-            todo = [p for p in self._pending if not p.future.done()]
+            todo = self._live(self._pending)
             self._pending = []
             try:
                 length, rows = (lambda p: p.item.length), self._cfg.max_batch_pairs
                 for planned in plan_batches(todo, length, self._budget(), rows):
                     # Re-cut to the budget of now: streams may have started while earlier batches ran.
                     for batch in plan_batches(planned, length, self._budget(), rows):
-                        batch = [p for p in batch if not p.future.done()]  # cancelled while earlier batches ran
+                        batch = self._live(batch)  # cancelled or expired while earlier batches ran
                         if batch:
                             await self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - a failed round fails its callers; the loop serves the next
@@ -154,6 +199,21 @@ class ScoreBatcher:
                 for p in todo:
                     if not p.future.done():
                         p.future.set_exception(e)
+
+    @staticmethod
+    def _live(entries: list[_Pending]) -> list[_Pending]:
+        """The entries still to run: cancelled ones dropped, those past their start_by refused."""
+        now = time.monotonic()
+        live = []
+        for p in entries:
+            if p.future.done():
+                continue
+            if p.start_by is not None and now > p.start_by:
+                p.future.set_exception(QueueFull(
+                    f"waited {now - p.enqueued:.1f} s for a Score batch, until this request's limit", "waited_too_long"))
+                continue
+            live.append(p)
+        return live
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         start = time.monotonic()

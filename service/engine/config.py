@@ -80,6 +80,12 @@ class BatchConfig:
     measured, 32 streams beside a Score flood kept inter-token p99 at 129 ms, 3,072 at 167 ms). 0: no cap."""
     max_queue_pairs: int = 65536
     """Pairs waiting beyond this make new Score calls fail with "queue full" (RESOURCE_EXHAUSTED)."""
+    max_queue_ms: int = 0
+    """Longest a Score call's work waits to start: a call whose tokens, behind those queued, would not start in
+    this time at the rate the queue drained over the last ~10 s is refused with RESOURCE_EXHAUSTED and the retry
+    hint, and work still queued after it is refused then. The caller's deadline (metadata `polyglot-timeout-ms`)
+    applies too: a call that would not be done within 90 % of it is refused at once. 0: only the caller's deadline
+    (an evaluation pipeline that sends none waits as long as its work takes)."""
 
 
 @dataclasses.dataclass

@@ -167,10 +167,23 @@ class Engine:
 
     # --- Score -------------------------------------------------------------------------------------
 
-    async def score(self, pairs: list[tuple[str, str]], opts: ScoreOptions) -> list[PairResult]:
+    def _score_deadlines(self, timeout_s: float | None) -> tuple[float | None, float | None]:
+        """(start_by, finish_by) for a Score call's work (ScoreBatcher): BatchConfig.max_queue_ms to start, and 90 %
+        of the caller's deadline to be done (refused while the caller can still hear why and retry elsewhere)."""
+        now = time.monotonic()
+        finish_by = None if timeout_s is None else now + 0.9 * timeout_s
+        start_by = finish_by
+        if self.cfg.batch.max_queue_ms:
+            start_by = min(x for x in (finish_by, now + self.cfg.batch.max_queue_ms / 1000) if x is not None)
+        return start_by, finish_by
+
+    async def score(self, pairs: list[tuple[str, str]], opts: ScoreOptions,
+                    timeout_s: float | None = None) -> list[PairResult]:
         """Log-likelihood of each continuation given its context (lm-eval `loglikelihood` rules). A call that
         the Score queue has no room for is refused before it is tokenized: under a flood, tokenizing what will be
-        refused anyway would hold the tokenizer thread from the calls that will run."""
+        refused anyway would hold the tokenizer thread from the calls that will run. `timeout_s`: the caller's
+        deadline, for admission by deadline (BatchConfig.max_queue_ms)."""
+        deadlines = self._score_deadlines(timeout_s)
         queued = self.queued_score_pairs + self._tokenizing_pairs
         if queued + len(pairs) > self.cfg.batch.max_queue_pairs:
             raise QueueFull(f"score queue is full ({queued} pairs waiting); retry later")
@@ -197,27 +210,28 @@ class Engine:
                     lambda: self._score_budget(self.cfg.batch.max_choice_prefix_tokens),
                     self.on_stats,
                 )
-            return (await self._choice_batcher.submit([group]))[0]
+            return (await self._choice_batcher.submit([group], *deadlines))[0]
         items = []
         for i, p in enumerate(encoded):
             try:
                 items.append(layout(p, self.window, opts.truncate, opts.details, opts.top_n))
             except InvalidRequest as e:
                 raise InvalidRequest(f"pair {i}: {e}") from None
-        return await self._submit_pairs(items)
+        return await self._submit_pairs(items, deadlines)
 
-    async def score_rolling(self, text: str) -> tuple[float, int, int]:
+    async def score_rolling(self, text: str, timeout_s: float | None = None) -> tuple[float, int, int]:
         """(log-likelihood, tokens, windows) of a whole text, lm-eval `loglikelihood_rolling` rules; the
-        windows go through the same batcher as Score pairs."""
+        windows go through the same batcher as Score pairs, admitted by the same deadlines."""
+        deadlines = self._score_deadlines(timeout_s)
         (tokens,) = await self.on_tokenizer_thread(self._encoder, [text], size=len(text))
         if not tokens:
             raise InvalidRequest("text encodes to zero tokens")
         windows = rolling_windows(tokens, self.lm.prefix_token_id, self.window)
         items = [layout(w, self.window, truncate=False) for w in windows]
-        results = await self._submit_pairs(items)
+        results = await self._submit_pairs(items, deadlines)
         return sum(r.logprob for r in results), len(tokens), len(windows)
 
-    async def _submit_pairs(self, items) -> list[PairResult]:
+    async def _submit_pairs(self, items, deadlines: tuple[float | None, float | None]) -> list[PairResult]:
         if self._batcher is None:
             self._batcher = ScoreBatcher(
                 lambda batch: self._on_model_thread(self.scorer.forward, batch),
@@ -225,7 +239,7 @@ class Engine:
                 lambda: self._score_budget(self._max_batch_tokens),
                 self.on_stats,
             )
-        return await self._batcher.submit(items)
+        return await self._batcher.submit(items, *deadlines)
 
     def _score_budget(self, tokens: int) -> int:
         """Tokens for the next Score forward pass: `tokens`, capped while Generate streams run or wait

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 
 import torch
 
+from .drain import DrainRate
 from .errors import QueueFull
 from .generation import Chunk, Sequence, accept
 from .kvspace import KVSpace
@@ -26,45 +26,6 @@ def _failed(seqs: list[Sequence], e: BaseException) -> list[Output]:
     for s in seqs:
         s.cancelled = True
     return [(s, e) for s in seqs]
-
-
-class DrainRate:
-    """How fast the waiting queue drains: sequences admitted per second of time during which some waited, both
-    decayed with a time constant of `horizon_s` so the estimate follows the traffic of the last few seconds."""
-
-    def __init__(self, horizon_s: float = 10.0):
-        self.horizon_s = horizon_s
-        self.busy_s = 0.0  # decayed seconds during which the queue was not empty
-        self.admitted = 0.0  # decayed sequences admitted in them
-        self._at: float | None = None
-        self._waiting = False
-
-    def _at_time(self, now: float) -> tuple[float, float]:
-        """(busy_s, admitted) decayed to `now`, the time since the last tick counted as busy if some waited."""
-        if self._at is None:
-            return self.busy_s, self.admitted
-        dt = max(0.0, now - self._at)
-        f = math.exp(-dt / self.horizon_s)
-        return self.busy_s * f + (dt if self._waiting else 0.0), self.admitted * f
-
-    def tick(self, now: float, admitted: int, waiting_after: bool) -> None:
-        """Whenever the queue changes: `admitted` sequences left it for a batch row since the last tick;
-        `waiting_after` says whether some still wait (idle time, with nobody waiting, only decays the history)."""
-        busy, done = self._at_time(now)
-        self.busy_s, self.admitted = busy, done + admitted
-        self._at, self._waiting = now, waiting_after
-
-    def expected_wait(self, position: int, now: float) -> float | None:
-        """Seconds until the `position`-th waiter (1 = next) gets a row; None while nothing has been measured."""
-        busy, done = self._at_time(now)
-        if busy <= 0.0:
-            return None
-        # No admission in the window: at least the time it has been stuck, per position.
-        return position * busy / max(done, 1.0)
-
-    def rate(self, now: float) -> float:
-        busy, done = self._at_time(now)
-        return done / busy if busy > 0 else 0.0
 
 
 class Scheduler:

@@ -114,7 +114,7 @@ class LanguageModelServer:
         async def work():
             pairs, opts = validation.score_request(request, self.limits)
             delimiter = request.target_delimiter if request.HasField("target_delimiter") else " "
-            results = await self.engine.score(pairs, opts)
+            results = await self.engine.score(pairs, opts, validation.timeout_s(grpc_context.invocation_metadata()))
             if not opts.details:
                 return convert.score_response(pairs, results, self.engine.token_texts, delimiter)
             # Up to limits.max_score_details entries, each a message and a decoded text: off the event loop.
@@ -127,7 +127,8 @@ class LanguageModelServer:
     async def ScoreRolling(self, request: lm_pb2.ScoreRollingRequest, grpc_context) -> lm_pb2.ScoreRollingResponse:
         async def work():
             text = validation.rolling_request(request, self.limits)
-            logprob, n_tokens, n_windows = await self.engine.score_rolling(text)
+            logprob, n_tokens, n_windows = await self.engine.score_rolling(
+                text, validation.timeout_s(grpc_context.invocation_metadata()))
             return lm_pb2.ScoreRollingResponse(logprob=logprob, num_tokens=n_tokens, num_chars=len(text),
                                                num_bytes=len(text.encode("utf-8")), num_windows=n_windows)
 

@@ -205,22 +205,24 @@ def test_drain_rate_forgets_old_traffic():
     assert admitted == pytest.approx(10 * math.exp(-3.0))
 
 
-async def _per_token(items, seconds=1e-3):
-    """A Score forward pass that takes `seconds` per token of its batch."""
-    await asyncio.sleep(seconds * sum(i.length for i in items))
-    return [i.length for i in items]
+class _TimedForward:
+    """A Score forward pass that takes 1 ms per token of its batch and records the lengths it was given."""
+
+    def __init__(self):
+        self.ran: list[int] = []
+
+    async def __call__(self, items):
+        self.ran.extend(i.length for i in items)
+        await asyncio.sleep(1e-3 * sum(i.length for i in items))
+        return [i.length for i in items]
 
 
 def test_score_whose_work_would_not_be_done_by_its_deadline_is_refused_at_once():
     """Batches of 4 x 100 tokens at 1 ms per token (0.4 s each) behind a queue of 12 items: once one batch has run,
-    a call that needs more than its 0.5 s to be done behind the 800 tokens still queued is refused at once, with the
-    wait in its message (800 tokens take at least 0.8 s); one with 30 s is admitted and scored; one whose queue limit (start_by) is below the
-    expected start is refused too. Before any batch ran, nothing was measured, and a tight deadline is admitted."""
-    ran = []
-
-    async def run(items):
-        ran.extend(i.length for i in items)
-        return await _per_token(items)
+    a call that needs more than its 0.5 s to be done behind the 800 tokens still queued (at least 0.8 s) is refused
+    at once, with the wait in its message; one with 30 s is admitted and scored; one whose queue limit (start_by)
+    is below the expected start is refused too. Before any batch ran, nothing was measured, and a tight deadline is admitted."""
+    run = _TimedForward()
 
     async def main():
         b = ScoreBatcher(run, BatchConfig(max_wait_ms=0, max_batch_pairs=4), 400, lambda s: None)
@@ -245,8 +247,8 @@ def test_score_whose_work_would_not_be_done_by_its_deadline_is_refused_at_once()
     assert late.reason == "expected_wait" and "to be done" in str(late) and "tokens queued ahead" in str(late)
     assert slow_start.reason == "expected_wait" and "to start" in str(slow_start)
     assert refused_in < 0.2  # at once, not after waiting
-    assert ok == [11] and 9 not in ran  # the refused calls never reached the model
-    assert len(unmeasured_out) == 1 and not isinstance(unmeasured_out[0], QueueFull)
+    assert ok == [11] and 9 not in run.ran  # the refused calls never reached the model
+    assert unmeasured_out == [[7]]
     assert backlog == 0  # every item left the backlog (scored, refused or expired)
 
 
@@ -254,11 +256,7 @@ def test_score_work_still_queued_at_its_start_limit_is_refused_and_never_run():
     """Nothing measured yet (so admitted), behind a 0.3 s batch: a call with start_by 0.1 s away is refused with
     "waited_too_long" when its batch would form, and the model never sees its tokens; its neighbour with no limit
     is scored; a two-item call whose first item expires cancels its second."""
-    ran = []
-
-    async def run(items):
-        ran.extend(i.length for i in items)
-        return await _per_token(items)
+    run = _TimedForward()
 
     async def main():
         b = ScoreBatcher(run, BatchConfig(max_wait_ms=0, max_batch_pairs=1), 10_000, lambda s: None)
@@ -275,7 +273,7 @@ def test_score_work_still_queued_at_its_start_limit_is_refused_and_never_run():
     assert first == [300] and kept == [3]
     for e in (gone, pair):
         assert isinstance(e, QueueFull) and e.reason == "waited_too_long" and "Score batch" in str(e), e
-    assert sorted(ran) == [3, 300] and backlog == 0
+    assert sorted(run.ran) == [3, 300] and backlog == 0
 
 
 def test_score_deadlines_come_from_the_caller_and_the_queue_limit(engine_fp32, monkeypatch):

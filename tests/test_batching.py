@@ -220,6 +220,54 @@ def test_kv_cache_space_is_shared_by_what_requests_can_use(tiny_dir):
     engine.close()
 
 
+def test_a_short_request_runs_in_the_gap_behind_a_blocked_long_one(tiny_dir):
+    """A cache of 2,048 positions: A (1,100 positions, 100 new tokens) runs; B (1,200) cannot start until A ends;
+    C (a few positions, 8 new tokens) arrives behind B. With backfilling C runs beside A and finishes before A
+    does, with its solo tokens; D (300 new tokens, outlasting A) would sit where B needs to start when A ends, so
+    it waits; B starts when A ends either way. With backfill_lookahead 0 C waits for B."""
+    from conftest import _engine
+
+    engine = _engine(tiny_dir, "none", {"max_slots": 4, "kv_cache_tokens": 2048, "backfill_lookahead": 4})
+    tok = engine.lm.tokenizer
+    a = ([5 + i % 200 for i in range(1000)], GenerationParams(max_new_tokens=100, min_new_tokens=100))
+    b = ([7 + i % 150 for i in range(1100)], GenerationParams(max_new_tokens=100, min_new_tokens=100))
+    c = (encode(tok, PROMPTS[0]), GenerationParams(max_new_tokens=8, min_new_tokens=8))
+    d = (encode(tok, PROMPTS[1]), GenerationParams(max_new_tokens=300, min_new_tokens=300))
+
+    async def arrivals():
+        events, tokens = [], {}
+
+        async def one(name, job):
+            got = []
+            async for chunk, _ in engine.generate(*job):
+                if not got:
+                    events.append((name, "first"))
+                got.append(chunk)
+            events.append((name, "last"))
+            tokens[name] = _tokens(got)
+
+        first = asyncio.ensure_future(one("A", a))
+        while not events:  # A runs before the others arrive, which then queue in order B, C, D
+            await asyncio.sleep(0.001)
+        await asyncio.gather(first, *(one(name, job) for name, job in (("B", b), ("C", c), ("D", d))))
+        return events.index, tokens
+
+    solo_c = _tokens(run(_collect_ids(engine, *c)))
+    at, tokens = run(arrivals())
+    assert at(("C", "last")) < at(("A", "last")) and tokens["C"] == solo_c
+    assert at(("A", "last")) < at(("D", "first")) and at(("A", "last")) < at(("B", "first"))
+    assert [len(tokens[n]) for n in "ABCD"] == [100, 100, 8, 300]
+    engine.scheduler.backfill_lookahead = 0
+    at, tokens = run(arrivals())
+    assert at(("A", "last")) < at(("C", "first")) and tokens["C"] == solo_c
+    assert run(_drained(engine)) and engine.kv_cache_use() == (0, 2048)
+    engine.close()
+
+
+async def _collect_ids(engine, prompt_ids, params):
+    return [c async for c, _ in engine.generate(prompt_ids, params)]
+
+
 def test_dequantized_decode_gives_the_4bit_kernels_tokens(tiny_dir, engine_nf4):
     """dequantized_decode "on": decode steps of several rows and Score passes multiply by copies of the 4-bit
     weights that bitsandbytes dequantized once; concurrent greedy streams give the tokens (and nearly the

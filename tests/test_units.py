@@ -258,6 +258,50 @@ def test_kv_space_allocates_disjoint_ranges_and_reuses_freed_ones():
     assert space.alloc(10) == 0  # the two freed ranges merged into one
 
 
+def test_kv_space_take_and_earliest_fit():
+    """take reserves exactly the range asked for, or nothing; at_fit finds the first release time at which a
+    range is long enough, with every release up to that time done in the space it returns."""
+    space = KVSpace(10)
+    assert space.take(3, 4) and space.used == 4 and space.layout() == ((0, 3), (7, 3))
+    assert not space.take(2, 2) and not space.take(6, 2) and not space.take(8, 3) and space.used == 4
+    assert space.alloc(3) == 0 and space.alloc(3) == 7 and space.layout() == ()
+    space = KVSpace(10)
+    a, b, c = space.alloc(3), space.alloc(3), space.alloc(3)  # [0, 3) [3, 6) [6, 9); [9, 10) free
+    releases = [(5, a, 3), (2, b, 3), (8, c, 3)]
+    assert space.at_fit(1, releases)[0] == float("-inf")
+    when, then = space.at_fit(5, releases)  # b at 2 leaves [3, 6) and [9, 10); a at 5 joins [0, 6)
+    assert when == 5 and then.layout() == ((0, 6), (9, 1)) and space.layout() == ((9, 1),)
+    assert space.at_fit(10, releases)[0] == 8 and space.at_fit(11, releases)[0] is None
+    when, then = space.at_fit(3, [(2, a, 3), (2, c, 3)])  # a alone fits it, but c leaves at the same time
+    assert when == 2 and then.layout() == ((0, 3), (6, 4))
+
+
+def test_backfill_admits_only_what_does_not_delay_the_head():
+    """Pool 10: A [0, 4) ends at step 3, B [4, 8) at step 10, [8, 10) free. A head of 9 fits at step 10. A request
+    of 2 that ends by then takes [8, 10); one that runs to step 20 would leave the head 8 positions then and is
+    refused, the space as it was; without a head that fits later (a head of 6 fits in [0, 8) whatever is in
+    [8, 10)) the long one is admitted."""
+    from service.engine.kvspace import Backfill
+
+    def pool():
+        space = KVSpace(10)
+        space.alloc(4), space.alloc(4)
+        return space, [(3, 0, 4), (10, 4, 4)]
+
+    space, releases = pool()
+    behind = Backfill(space, 9, releases)
+    assert behind.when == 10
+    assert behind.alloc(2, until=20) is None and space.layout() == ((8, 2),)
+    assert behind.alloc(2, until=10) == 8 and space.layout() == ()
+    space, releases = pool()
+    behind = Backfill(space, 9, releases)
+    assert behind.alloc(3, until=5) is None  # no free range of 3 at all
+    space, releases = pool()
+    behind = Backfill(space, 6, releases)
+    assert behind.alloc(2, until=20) == 8 and behind.then.layout() == ((0, 8),)
+    assert behind.alloc(1, until=20) is None  # nothing left now
+
+
 def test_choice_normalized_divides_by_the_choice_text_as_lm_eval_acc_norm():
     """lm-eval scores target_delimiter + choice and divides by len(choice): with " " in front, a one-character
     choice at -1.0 loses to a three-character one at -2.5 (-1.0 < -0.83), although dividing by the continuation's

@@ -6,7 +6,9 @@ Issue 14 asks to page the cache if contiguous ranges fragment under mixed length
 engine admits waiting requests in arrival order while a batch row is free and the allocator has a free range of
 prompt + max_new_tokens positions (first fit); a paged cache would admit whenever that many positions are free in
 any blocks. Replaying the same arrivals through both shows how long requests wait only because the free positions
-are split. Time is counted in engine steps: every running sequence gains one token per step (prefill is taken as
+are split. Backfilling (engine/kvspace.py: a later request takes a free range behind a head that finds none, if
+that does not delay the head) is replayed beside strict arrival order, on the engine's own `Backfill`. Time is
+counted in engine steps: every running sequence gains one token per step (prefill is taken as
 done in the step that admits it, which favours neither allocator).
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import random
 from pathlib import Path
 
-from ..engine.kvspace import KVSpace
+from ..engine.kvspace import Backfill, KVSpace
 
 
 @dataclasses.dataclass
@@ -44,11 +46,30 @@ class PagedSpace:
     def free(self, start: int, n: int) -> None:
         self.used_blocks -= self._need(n)
 
+    def fits(self, n: int) -> bool:
+        return self.used_blocks + self._need(n) <= self.blocks
 
-def replay(requests: list[Request], pool: int, rows: int, paged: bool, block: int = 16) -> dict:
+    def take(self, start: int, n: int) -> bool:
+        return self.alloc(n) is not None
+
+    def at_fit(self, n: int, releases: list[tuple[float, int, int]]) -> tuple[float | None, "PagedSpace"]:
+        later = PagedSpace(self.blocks * self.block, self.block)
+        later.used_blocks = self.used_blocks
+        if later.fits(n):
+            return float("-inf"), later
+        for when, start, length in sorted(releases):
+            later.free(start, length)
+            if later.fits(n):
+                return when, later
+        return None, later
+
+
+def replay(requests: list[Request], pool: int, rows: int, paged: bool, block: int = 16,
+           backfilling: bool = True, lookahead: int = 16) -> dict:
     """Admit `requests` (sorted by arrival) first come, first served as the scheduler does, with at most `rows`
-    running; returns each request's wait in steps and the steps at which the head of the queue waited although
-    the free positions would have held it (fragmentation)."""
+    running, and (`backfilling`) later ones among the next `lookahead` waiters in the gaps that do not delay the
+    head (engine/kvspace.py's backfill); returns each request's wait in steps and the steps at which the head of
+    the queue waited although the free positions would have held it (fragmentation)."""
     space = PagedSpace(pool, block) if paged else KVSpace(pool)
     waiting: list[int] = []  # indices into requests, in arrival order
     running: list[tuple[int, int, int]] = []  # (index, start, end step)
@@ -61,14 +82,23 @@ def replay(requests: list[Request], pool: int, rows: int, paged: bool, block: in
         while nxt < len(requests) and requests[nxt].arrival <= step:
             waiting.append(nxt)
             nxt += 1
-        while waiting and len(running) < rows:
-            i = waiting[0]
-            start = space.alloc(requests[i].size)
-            if start is None:
-                free = pool - (space.used_blocks * block if paged else space.used)
-                fragmented += int(not paged and free >= requests[i].size)
+        behind, tried = None, 0  # a Backfill once the head does not fit; waiters tried behind it
+        for i in list(waiting):
+            if len(running) >= rows or behind is not None and (not backfilling or tried >= lookahead):
                 break
-            waiting.pop(0)
+            if behind is None:
+                start = space.alloc(requests[i].size)
+            else:
+                tried += 1
+                start = behind.alloc(requests[i].size, step + requests[i].steps)
+            if start is None:
+                if behind is None:
+                    free = pool - (space.used_blocks * block if paged else space.used)
+                    fragmented += int(not paged and free >= requests[i].size)
+                    behind = Backfill(space, requests[i].size,
+                                      [(end, r_start, requests[r].size) for r, r_start, end in running])
+                continue
+            waiting.remove(i)
             wait[i] = step - requests[i].arrival
             running.append((i, start, step + requests[i].steps))
         tokens += len(running)
@@ -77,7 +107,7 @@ def replay(requests: list[Request], pool: int, rows: int, paged: bool, block: in
     waits = sorted(wait)
     return {"steps": step, "tokens_per_step": tokens / step, "mean_running": busy_rows / step,
             "wait_steps": {"mean": sum(waits) / len(waits), "p50": waits[len(waits) // 2],
-                           "p99": waits[min(len(waits) - 1, int(0.99 * len(waits)))]},
+                           "p99": waits[min(len(waits) - 1, int(0.99 * len(waits)))], "max": waits[-1]},
             "fragmented_steps": fragmented, "waits": wait}
 
 
@@ -92,8 +122,12 @@ def arrivals(n: int, per_step: float, prompt: tuple[int, int], new: tuple[int, i
     return out
 
 
+# (name, paged, backfilling): the engine's admission before and with backfilling, and a paged cache's.
+POLICIES = (("contiguous", False, False), ("contiguous_backfill", False, True), ("paged_backfill", True, True))
+
+
 def kv_fragmentation(out: Path, step_ms: float = 10.0, n: int = 4000) -> dict:
-    """Contiguous against paged admission for the benchmark's two request mixes, pools from a small GPU's to an
+    """Contiguous admission in strict order, with backfilling, and paged admission for the benchmark's two request mixes, pools from a small GPU's to an
     H200's, at arrival rates around each pool's saturation; rates are converted at `step_ms` per engine step (the
     H200's decode step at 64 real-traffic rows is ~9-10 ms)."""
     mixes = {"open loop (prompts 200-800, 64-256 new)": ((200, 800), (64, 256)),
@@ -113,16 +147,15 @@ def kv_fragmentation(out: Path, step_ms: float = 10.0, n: int = 4000) -> dict:
                 reqs = arrivals(n, capacity * load, prompt, new, seed=pool + int(load * 100))
                 row = {"mix": mix, "pool": pool, "load": load,
                        "offered_per_s": round(capacity * load * 1000 / step_ms, 2)}
-                for name, paged in (("contiguous", False), ("paged", True)):
-                    r = replay(reqs, pool, 128, paged)
+                for name, paged, backfilling in POLICIES:
+                    r = replay(reqs, pool, 128, paged, backfilling=backfilling)
                     r.pop("waits")
                     r["wait_ms"] = {k: v * step_ms for k, v in r.pop("wait_steps").items()}
                     row[name] = r
                 res["runs"].append(row)
-                c, p = row["contiguous"], row["paged"]
-                print(f"{mix}, pool {pool}, load {load}: wait p99 {c['wait_ms']['p99']:.0f} ms contiguous, "
-                      f"{p['wait_ms']['p99']:.0f} ms paged; mean running {c['mean_running']:.1f} / "
-                      f"{p['mean_running']:.1f}; fragmented steps {c['fragmented_steps']}", flush=True)
+                print(f"{mix}, pool {pool}, load {load}: wait p99 / mean running "
+                      + ", ".join(f"{name} {row[name]['wait_ms']['p99']:.0f} ms / {row[name]['mean_running']:.1f}"
+                                  for name, _, _ in POLICIES), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv-fragmentation.json").write_text(json.dumps(res, indent=2))
     return res

@@ -90,7 +90,8 @@ class Engine:
         self.runner = NeoxRunner(self.lm.model, rows, self.window, g.cuda_graphs, g.fused_decode,
                                  eos_id=self.lm.eos_token_id, kv_tokens=kv_tokens, dense=dense,
                                  choosable=self.lm.tokenizer_size, kv_dtype=g.kv_cache_dtype)
-        self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk)
+        self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk,
+                                   g.backfill_lookahead)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready
         kv_gib = kv_tokens * self._kv_bytes_per_token() / 2**30
         log.info("KV cache: %d token positions (%.1f GiB, %s), up to %d sequences at once", kv_tokens, kv_gib,

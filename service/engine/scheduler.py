@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -11,7 +12,7 @@ import torch
 from .drain import DrainRate
 from .errors import QueueFull
 from .generation import Chunk, Sequence, accept
-from .kvspace import KVSpace
+from .kvspace import Backfill, KVSpace
 from .neox import NeoxRunner, TokenFetch
 from .sampling import RowSampling, sample
 
@@ -33,7 +34,8 @@ class Scheduler:
 
     Call order: add(seq) / cancel(seq) from any thread; step() repeatedly on the model thread while
     has_work(). Each step admits waiting sequences, in order of arrival, while a batch row is free and the
-    cache has a free range of prompt + max_new_tokens positions for the next one; runs at most `prefill_chunk`
+    cache has a free range of prompt + max_new_tokens positions for the next one (and behind one that has none,
+    those that fit without delaying it: engine/kvspace.py's backfilling); runs at most `prefill_chunk`
     prompt tokens of prefill in one packed forward pass (so a long newcomer delays running streams by one chunk,
     not by its whole prompt; short newcomers are prefilled several per step), then one batched decode step for
     every running sequence, and returns the chunks produced, in the form [(sequence, chunk)]. A forward pass
@@ -47,11 +49,14 @@ class Scheduler:
     depends on its request's seed and its index only, so it is the same whichever path chose it.
     """
 
-    def __init__(self, runner: NeoxRunner, eos_id: int, max_waiting: int, prefill_chunk: int):
+    def __init__(self, runner: NeoxRunner, eos_id: int, max_waiting: int, prefill_chunk: int,
+                 backfill_lookahead: int = 0):
         self.runner = runner
         self.eos_id = eos_id
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
+        self.backfill_lookahead = backfill_lookahead
+        self._no_backfill: tuple | None = None  # the state in which _admissible last found nobody to backfill
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # running[i] is batch row i
         self.kv = KVSpace(runner.kv_tokens)
@@ -150,21 +155,7 @@ class Scheduler:
             self._remove(seq)
         with self._lock:
             out.extend(self._expire())
-            admitted = 0
-            while self.waiting and len(self.running) < self.slots:
-                seq = self.waiting[0]
-                if not seq.cancelled:
-                    base = self.kv.alloc(seq.kv_size)
-                    if base is None:  # first come, first served: it waits for space, later ones behind it
-                        break
-                    seq.kv_base, seq.slot = base, len(self.running)
-                    seq.admitted_at = time.monotonic()
-                    admitted += 1
-                    self.running.append(seq)
-                    if seq.params.sampling.repetition_penalty != 1.0:
-                        self.seen[seq.slot] = False
-                        self.seen[seq.slot, torch.tensor(seq.prompt_ids, device=self.seen.device)] = True
-                self.waiting.popleft()
+            admitted = self._admit()
             self.drain.tick(time.monotonic(), admitted, bool(self.waiting))
 
         # Prefill: up to `prefill_chunk` prompt tokens per step, newcomers in order of arrival, all in one packed
@@ -220,6 +211,70 @@ class Scheduler:
             return out + _failed([self.running[i] for i in rows], e)
         out.extend(self._next_batch([self.running[i] for i in rows], logits[rows]))
         return out
+
+    def _steps_left(self, seq: Sequence) -> int:
+        """The most engine steps seq can still hold its KV range: its prompt's remaining prefill chunks and new
+        tokens (an estimate for prefill, whose budget newcomers share; an end-of-text ends it sooner)."""
+        return -(-(len(seq.prompt_ids) - seq.prefilled) // self.prefill_chunk) + seq.params.max_new_tokens - len(
+            seq.generated)
+
+    def _backfill(self, head: Sequence) -> Backfill:
+        return Backfill(self.kv, head.kv_size, [(self._steps_left(s), s.kv_base, s.kv_size) for s in self.running])
+
+    def _admissible(self) -> bool:
+        """Whether _admit would take some waiting sequence now (under the lock), without taking it. Remembers a
+        no for the cache's layout and the queue's head as they are: with time alone backfilling only gets harder
+        (the head's earliest fit comes closer, a waiter's span does not shrink)."""
+        if not self.waiting or len(self.running) >= self.slots:
+            return False
+        head = self.waiting[0]
+        if self.kv.fits(head.kv_size):
+            return True
+        if not self.backfill_lookahead:
+            return False
+        window = tuple(itertools.islice(self.waiting, 0, 1 + self.backfill_lookahead))
+        key = (self.kv.layout(), tuple(map(id, window)))
+        if key == self._no_backfill:
+            return False
+        behind = self._backfill(head)
+        for seq in window[1:]:
+            base = behind.alloc(seq.kv_size, self._steps_left(seq))
+            if base is not None:
+                self.kv.free(base, seq.kv_size)
+                return True
+        self._no_backfill = key
+        return False
+
+    def _admit(self) -> int:
+        """Waiting sequences to batch rows, in order of arrival while each finds a KV range (under the lock); once
+        one does not, up to backfill_lookahead behind it that fit without delaying it (engine/kvspace.py)."""
+        admitted, behind, tried = 0, None, 0
+        for seq in list(self.waiting):
+            if len(self.running) >= self.slots or behind is not None and tried >= self.backfill_lookahead:
+                break
+            if seq.cancelled:
+                self.waiting.remove(seq)
+                continue
+            if behind is None:
+                base = self.kv.alloc(seq.kv_size)
+            else:
+                tried += 1
+                base = behind.alloc(seq.kv_size, self._steps_left(seq))
+            if base is None:
+                if behind is None:  # the head waits for space; later ones only where they do not delay it
+                    if not self.backfill_lookahead:
+                        break
+                    behind = self._backfill(seq)
+                continue
+            self.waiting.remove(seq)
+            seq.kv_base, seq.slot = base, len(self.running)
+            seq.admitted_at = time.monotonic()
+            admitted += 1
+            self.running.append(seq)
+            if seq.params.sampling.repetition_penalty != 1.0:
+                self.seen[seq.slot] = False
+                self.seen[seq.slot, torch.tensor(seq.prompt_ids, device=self.seen.device)] = True
+        return admitted
 
     def _expire(self) -> list[Output]:
         """Waiters past their queue_deadline leave with QueueFull (under the lock)."""
@@ -279,7 +334,7 @@ class Scheduler:
         with self._lock:
             expired = self._expire()
             self.drain.tick(time.monotonic(), 0, bool(self.waiting))
-            admit = bool(self.waiting) and len(self.running) < self.slots and self.kv.fits(self.waiting[0].kv_size)
+            admit = self._admissible()
         # Each sequence's pending token sits at position s.length, the one after its accepted tokens.
         last = max(s.length for s in seqs)
         try:

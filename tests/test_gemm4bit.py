@@ -23,12 +23,16 @@ CHECK = textwrap.dedent("""
         x = torch.randn(2, M, K, generator=g).half()
         bias = torch.randn(N, generator=g).half()
         want = x.float() @ ref_w.float().T + bias.float()  # [2, M, N]
-        for split in (1, 2):
-            got = gemm4bit.matmul(x, packed, bias, split=split, block_m=16, block_n=64)
+        # one split (bias in the kernel) and two (partial sums); one or two scale blocks per loop step; the scale
+        # applied to each weight or to each block's product
+        for how in (gemm4bit.Launch(split=1), gemm4bit.Launch(split=2, block_n=32), gemm4bit.Launch(block_k=128),
+                    gemm4bit.Launch(split=2, scale_after=True), gemm4bit.Launch(scale_after=True, block_m=32),
+                    gemm4bit.Launch(pairs=True, block_k=128), gemm4bit.Launch(pairs=True, scale_after=True, split=2)):
+            got = gemm4bit.matmul(x, packed, bias, how)
             assert got.shape == (2, M, N) and got.dtype == torch.float16
             rel = ((got.float() - want).norm() / want.norm()).item()
             # fp16 output rounding and fp32 summation order: ~3e-4; a swapped nibble order gives 1.4
-            assert rel < 2e-3, (qt, M, N, K, split, rel)
+            assert rel < 2e-3, (qt, M, N, K, how, rel)
     assert gemm4bit.pack(p, type(st)(absmax=st.absmax, shape=st.shape, code=st.code, blocksize=128,
                                      quant_type=st.quant_type, dtype=st.dtype)) is None  # another block size
     print("ok")

@@ -3,6 +3,7 @@ the 4-bit matmul kernel, the real-traffic rows on the engine alone, Score in-pro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import random
@@ -13,37 +14,18 @@ from pathlib import Path
 
 import torch
 
+from ..engine.gemm4bit import graph_us
 from .baselines import sync
 from .driver import free_port, pct, percentiles
 from .workloads import BenchConfig, make_workloads, traffic_requests
 
-def graph_us(fn, iters: int) -> float:
-    """GPU microseconds per call of fn(), `iters` calls replayed from one CUDA graph as the engine's decode step runs
-    them (timed eagerly, small calls would measure Python's launch overhead instead)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compile and allocate outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay()
-    sync()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    g.replay()
-    e1.record()
-    sync()
-    return e0.elapsed_time(e1) / iters * 1000
-
-
 def gemm4bit_sweep(model: str, out: Path, rows=(1, 8, 16, 32, 64, 128), iters: int = 20) -> dict:
     """engine/gemm4bit.py's 4-bit matmul against the dense fp16 copies (F.linear, cuBLAS) and bitsandbytes' own
-    layer, on layer 0's four linear layers of the model, at decode batch sizes: microseconds per call (CUDA graph)
-    over a few launch settings, the packed weights' read rate, each result's error against the dense copy's, and
-    per row count the whole step's projected matmul time (28 layers) for each path."""
+    layer, on layer 0's four linear layers of the model, at decode batch sizes: microseconds per call (CUDA graph),
+    the packed weights' read rate, each result's error against the dense copy's, and per row count the whole step's
+    projected matmul time (28 layers) for each path. Every launch setting is timed at 1 and 64 rows (there at
+    tiles of 16, 32 and 64 rows); the other row counts time the 6 fastest of the nearer of those two (compiling
+    every setting at every tile height for every row count would take minutes)."""
     import torch.nn.functional as F
 
     from ..engine import gemm4bit, loader
@@ -58,10 +40,14 @@ def gemm4bit_sweep(model: str, out: Path, rows=(1, 8, 16, 32, 64, 128), iters: i
     # Packed before any of bitsandbytes' own calls (on some CPUs its first call repacks the weights in place).
     packs = {name: gemm4bit.pack(m.weight.data, m.weight.quant_state) for name, m in mods.items()}
     n_layers = len(lm.model.gpt_neox.layers)
+    # The scale applied per element lost every case of the 2026-12-04 sweep to the scale applied after the dot.
+    every = [gemm4bit.Launch(block_n=bn, split=sp, scale_after=True, pairs=pr)
+             for bn, sp, pr in itertools.product((32, 64, 128), (1, 2, 4), (False, True))]
     res: dict = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "cases": [],
                  "step_ms": {}}
     g = torch.Generator(device="cpu").manual_seed(0)
-    for M in rows:
+    fastest: dict[tuple[str, int], list] = {}
+    for M in sorted(rows, key=lambda m: (m not in (1, 64), m)):
         step = {"dense": 0.0, "bitsandbytes": 0.0, "gemm4bit_best": 0.0}
         for name, m in mods.items():
             w = packs[name]
@@ -69,28 +55,42 @@ def gemm4bit_sweep(model: str, out: Path, rows=(1, 8, 16, 32, 64, 128), iters: i
             ref = F.linear(x, dense[m], m.bias)
             case = {"layer": name, "rows": M, "dense_us": graph_us(lambda: F.linear(x, dense[m], m.bias), iters),
                     "bitsandbytes_us": graph_us(lambda: m(x), iters), "runs": []}
-            for block_n, split, warps in itertools.product((64, 128), (1, 2, 4, 8), (4, 8)):
-                if w.in_features % (split * 2 * gemm4bit.BLOCK):
+            top = gemm4bit.block_m(M)
+            if M in (1, 64):  # every setting at every tile height up to M's (several row tiles may beat one)
+                tried = [dataclasses.replace(h, block_m=bm) for h in every for bm in (16, 32, 64) if bm <= top]
+            else:
+                tried = [dataclasses.replace(h, block_m=min(h.block_m, top)) for h in fastest[(name, 1 if M < 16 else 64)]]
+            for how in tried:
+                if w.in_features % (how.split * how.block_k):
                     continue
-                kw = {"split": split, "block_n": block_n}
-                got = gemm4bit.matmul(x, w, m.bias, num_warps=warps, **kw)
+                try:
+                    got = gemm4bit.matmul(x, w, m.bias, how)
+                    us = graph_us(lambda: gemm4bit.matmul(x, w, m.bias, how), iters)
+                except Exception as e:  # a setting Triton cannot compile (e.g. out of shared memory)
+                    case["runs"].append({**dataclasses.asdict(how), "error": str(e)[:200]})
+                    continue
                 err = float((got.float() - ref.float()).norm() / ref.float().norm())
-                us = graph_us(lambda: gemm4bit.matmul(x, w, m.bias, num_warps=warps, **kw), iters)
-                case["runs"].append({"block_n": block_n, "split": split, "warps": warps, "us": us, "rel_err": err,
-                                     "tb_per_s": w.codes.numel() / us / 1e6})
-            case["runs"].sort(key=lambda r: r["us"])
-            case["runs"] = case["runs"][:6]
-            best = case["runs"][0]
+                case["runs"].append({**dataclasses.asdict(how), "us": us, "rel_err": err,
+                                     "tb_per_s": (w.codes.numel() + w.absmax.numel() * 4) / us / 1e6})
+            ok = sorted((r for r in case["runs"] if "us" in r), key=lambda r: r["us"])
+            if M in (1, 64):
+                fields = [f.name for f in dataclasses.fields(gemm4bit.Launch)]
+                fastest[(name, M)] = [gemm4bit.Launch(**{k: r[k] for k in fields}) for r in ok[:6]]
+            case["runs"] = ok[:6] + [r for r in case["runs"] if "error" in r][:3]
+            res["cases"].append(case)
+            if not ok:
+                print(json.dumps(case)[:2000], flush=True)
+                continue
+            best = ok[0]
             step["dense"] += case["dense_us"] * n_layers / 1000
             step["bitsandbytes"] += case["bitsandbytes_us"] * n_layers / 1000
             step["gemm4bit_best"] += best["us"] * n_layers / 1000
-            res["cases"].append(case)
             print(json.dumps({k: case[k] for k in ("layer", "rows", "dense_us", "bitsandbytes_us")} | {"best": best}),
                   flush=True)
         res["step_ms"][str(M)] = step
         print(M, step, flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gemm4bit-sweep.json").write_text(json.dumps(res, indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gemm4bit-sweep.json").write_text(json.dumps(res, indent=2))
     return res
 
 

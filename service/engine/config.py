@@ -130,6 +130,11 @@ class GenerationConfig:
     few rows; for more they dequantize each weight on every call, then run the same GEMM); batch-1 decode keeps
     the 4-bit GEMV. "auto": on where the copies take at most a quarter of the GPU's memory (an 80 GB GPU, not a
     24 GB one). "off": never."""
+    four_bit_matmul_rows: int = 0
+    """Forward passes of at most this many rows (decode steps of that many sequences) multiply by
+    engine/gemm4bit.py's Triton kernel on the packed 4-bit weights (a quarter of the fp16 copies' bytes), with the
+    launch measured fastest per weight shape at start (GPU with Triton); more rows use the dense copies
+    (dequantized_decode) or bitsandbytes. 0: off."""
     kv_cache_dtype: str = "auto"
     """The KV cache's storage: "auto", the model's compute dtype; "int8", one byte per value with a float32 scale
     per (head, token) vector (engine/kvcache.py): half the memory, so twice the positions in the same space; no

@@ -90,6 +90,9 @@ class Engine:
         self.runner = NeoxRunner(self.lm.model, rows, self.window, g.cuda_graphs, g.fused_decode,
                                  eos_id=self.lm.eos_token_id, kv_tokens=kv_tokens, dense=dense,
                                  choosable=self.lm.tokenizer_size, kv_dtype=g.kv_cache_dtype)
+        if g.four_bit_matmul_rows:
+            log.info("4-bit matmul kernel on %d linear layers, passes of up to %d rows",
+                     self.runner.use_packed(g.four_bit_matmul_rows), g.four_bit_matmul_rows)
         self.scheduler = Scheduler(self.runner, self.lm.eos_token_id, g.max_waiting, g.prefill_chunk,
                                    g.backfill_lookahead)
         self.runner.warm_up(self.runner.max_slots)  # before the replica reports ready

@@ -63,65 +63,192 @@ def pack(weight: torch.Tensor, state) -> Packed4bit | None:
 if triton is not None:
 
     @triton.jit
-    def _gemm_4bit_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, out_ptr, M, N, K, stride_xm, stride_om, stride_os,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          K_SPLIT: tl.constexpr):
-        """Program (m, n, s): out[s, m-tile, n-tile] = x[m-tile, K range s] @ W[n-tile, K range s]^T in fp32, W
-        dequantized block by block of BLOCK_K (= one scale per row) from its 4-bit codes."""
+    def _gemm_4bit_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                          stride_os, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          K_SPLIT: tl.constexpr, SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          FINAL: tl.constexpr, QBLOCK: tl.constexpr, PAIRS: tl.constexpr):
+        """Program (m, n, s): x[m-tile, K range s] @ W[n-tile, K range s]^T accumulated in fp32; FINAL (one split)
+        adds the bias and stores x's dtype, else it stores fp32 partial sums out[s]. The weight tile is read as
+        [BLOCK_K, BLOCK_N] straight from the codes, each byte by the two lanes of its two nibbles (no shuffle of
+        nibbles into place); PAIRS reads it as bytes, [BLOCK_K/2, BLOCK_N], and multiplies the high nibbles by the
+        even inputs and the low ones by the odd inputs in two dots. SCALE_AFTER: multiply the code values (fp16) first and each output by its block's
+        scale afterwards, one dot per 64-input block (no per-element scale load; the weights then differ from
+        dequantize_4bit's by its fp16 rounding); else each weight is table * scale in fp32 rounded to fp16, as
+        dequantize_4bit computes it."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
         mm, nm = rm < M, rn < N
-        half = tl.arange(0, BLOCK_K // 2)
+        shift = ((1 - rk % 2) * 4)[:, None].to(tl.uint8)  # [BK, 1]: element 2j is byte j's high nibble
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rj = tl.arange(0, BLOCK_K // 2)
         for i in range(0, K_SPLIT, BLOCK_K):  # constant bounds (Triton's interpreter needs them)
             k0 = pid_s * K_SPLIT + i
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mm[:, None], other=0.0)  # [BM, BK]
-            b = tl.load(codes_ptr + rn[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=nm[:, None],
-                        other=0)  # [BN, BK/2] uint8
-            idx = tl.reshape(tl.join((b >> 4).to(tl.int32), (b & 15).to(tl.int32)), (BLOCK_N, BLOCK_K))  # [BN, BK]
-            scale = tl.load(absmax_ptr + rn * (K // BLOCK_K) + k0 // BLOCK_K, mask=nm, other=0.0)  # [BN]
-            w = (tl.load(table_ptr + idx) * scale[:, None]).to(x.dtype)  # [BN, BK]
-            acc += tl.dot(x, tl.trans(w))
-        out = out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :]
-        tl.store(out, acc, mask=mm[:, None] & nm[None, :])
+            if PAIRS:
+                # bytes as they lie, [BK/2, BN] (contiguous along K: wide loads); even inputs meet high nibbles
+                b = tl.load(codes_ptr + rn[None, :] * (K // 2) + (k0 // 2 + rj)[:, None], mask=nm[None, :], other=0)
+                x_even = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj)[None, :], mask=mm[:, None],
+                                 other=0.0)  # [BM, BK/2]
+                x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj + 1)[None, :], mask=mm[:, None],
+                                other=0.0)  # [BM, BK/2]
+                hi = tl.load(table_ptr + (b >> 4).to(tl.int32))  # [BK/2, BN]
+                lo = tl.load(table_ptr + (b & 15).to(tl.int32))
+                if SCALE_AFTER:
+                    s = tl.load(absmax_ptr + rn * (K // QBLOCK) + k0 // QBLOCK, mask=nm, other=0.0)  # [BN]
+                    acc += (tl.dot(x_even, hi.to(x_even.dtype)) + tl.dot(x_odd, lo.to(x_even.dtype))) * s[None, :]
+                else:
+                    s = tl.load(absmax_ptr + rn[None, :] * (K // QBLOCK) + ((k0 + 2 * rj) // QBLOCK)[:, None],
+                                mask=nm[None, :], other=0.0)  # [BK/2, BN]
+                    acc = tl.dot(x_even, (hi * s).to(x_even.dtype), acc)
+                    acc = tl.dot(x_odd, (lo * s).to(x_even.dtype), acc)
+            else:
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mm[:, None],
+                            other=0.0)  # [BM, BK]
+                b = tl.load(codes_ptr + rn[None, :] * (K // 2) + ((k0 + rk) // 2)[:, None], mask=nm[None, :],
+                            other=0)  # [BK, BN] uint8
+                t = tl.load(table_ptr + ((b >> shift) & 15).to(tl.int32))  # [BK, BN] code values
+                if SCALE_AFTER:
+                    s = tl.load(absmax_ptr + rn * (K // QBLOCK) + k0 // QBLOCK, mask=nm, other=0.0)  # [BN]
+                    acc += tl.dot(x, t.to(x.dtype)) * s[None, :]
+                else:
+                    s = tl.load(absmax_ptr + rn[None, :] * (K // QBLOCK) + ((k0 + rk) // QBLOCK)[:, None],
+                                mask=nm[None, :], other=0.0)  # [BK, BN]
+                    acc = tl.dot(x, (t * s).to(x.dtype), acc)
+        if FINAL:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mm[:, None] & nm[None, :])
+        else:
+            tl.store(out_ptr + pid_s * stride_os + rm[:, None] * stride_om + rn[None, :], acc,
+                     mask=mm[:, None] & nm[None, :])
 
 
-def launch(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int]:
-    """(rows per program, output features per program, splits of K): enough programs to cover the GPU's
-    multiprocessors at small M (an untuned first choice; `--profile-decode` measures it)."""
-    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One way to run the kernel: rows and output features per program, splits of K, inputs per loop step,
+    scale applied after the dot, bytes read whole and two dots (see the kernel), warps and software-pipeline stages."""
+
+    block_m: int = 16
+    block_n: int = 64
+    split: int = 1
+    block_k: int = 64
+    scale_after: bool = False
+    pairs: bool = False
+    warps: int = 4
+    stages: int = 3
+
+
+def block_m(M: int) -> int:
+    """Rows per program for M rows (tl.dot's tile is at least 16 high)."""
+    return 16 if M <= 16 else 32 if M <= 32 else 64
+
+
+_tuned: dict[tuple[int, int, int, int], Launch] = {}
+"""(N, K, block_m, device index) -> the fastest launch that tune() measured."""
+
+CANDIDATES = tuple(Launch(block_n=bn, split=sp, scale_after=True, pairs=pr) for bn in (32, 64) for sp in (1, 2, 4)
+                   for pr in (False, True))
+"""Launches tune() times (an untuned first list; `python -m service.bench --gemm4bit-sweep` measures more)."""
+
+
+def launch(M: int, N: int, K: int, device: torch.device) -> Launch:
+    """A launch for x [M, K] @ W [N, K]^T: the one tune() measured fastest for this shape and tile height, else
+    enough programs to cover the GPU's multiprocessors at small M."""
+    bm = block_m(M)
+    found = _tuned.get((N, K, bm, device.index or 0))
+    if found is not None:
+        return found
     block_n = 64
-    programs = -(-M // block_m) * -(-N // block_n)
+    programs = -(-M // bm) * -(-N // block_n)
     sms = fused.multiprocessors(device) if device.type == "cuda" else 1
     split = 1
     while programs * split < sms and K % (2 * split * BLOCK) == 0 and K // (2 * split) >= 4 * BLOCK:
         split *= 2
-    return block_m, block_n, split
+    return Launch(block_m=bm, block_n=block_n, split=split)
 
 
-def matmul(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None, split: int | None = None,
-           block_m: int | None = None, block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """x [..., K] (fp16 or bf16) @ W^T (+ bias) -> [..., N] in x's dtype. Splits of K write fp32 partial sums that
-    are added in a fixed order afterwards (deterministic, unlike atomics)."""
+def graph_us(fn, iters: int = 20) -> float:
+    """GPU microseconds per call of fn(), `iters` calls replayed from one CUDA graph (as the decode step runs
+    them; timed eagerly, a call of a few microseconds would measure Python's launch overhead instead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and allocate outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(iters):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / iters * 1000
+
+
+def tune(weights: list[Packed4bit], max_rows: int, dtype: torch.dtype = torch.float16,
+         candidates: tuple[Launch, ...] = CANDIDATES) -> dict[tuple[int, int, int, int], Launch]:
+    """Time every candidate launch on each distinct weight shape at each tile height up to max_rows (at that
+    height's largest row count) and keep the fastest for launch(); returns what it chose. GPU only; a few
+    seconds per shape and height (Triton compiles each candidate once per height)."""
+    shapes = {(w.out_features, w.in_features): w for w in weights}
+    heights = sorted({block_m(m) for m in range(1, max_rows + 1)})
+    chosen = {}
+    for (N, K), w in shapes.items():
+        dev = w.codes.device
+        for bm in heights:
+            M = min(max_rows, bm)
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            best = None
+            for how in candidates:
+                how = dataclasses.replace(how, block_m=bm)
+                if K % (how.split * how.block_k):
+                    continue
+                try:
+                    us = graph_us(lambda: matmul(x, w, None, how))
+                except triton.runtime.errors.OutOfResources:  # e.g. its tiles need more shared memory than there is
+                    continue
+                if best is None or us < best[0]:
+                    best = (us, how)
+            chosen[(N, K, bm, dev.index or 0)] = best[1]
+    _tuned.update(chosen)
+    return chosen
+
+
+def packed_weights(linears) -> dict[torch.nn.Module, Packed4bit]:
+    """The kernel's form of each (module, QuantState) of `linears` that it can read (no copy of the codes)."""
+    found = {m: pack(m.weight.data, st) for m, st in linears}
+    return {m: p for m, p in found.items() if p is not None}
+
+
+def matmul(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None, how: Launch | None = None) -> torch.Tensor:
+    """x [..., K] (fp16 or bf16) @ W^T (+ bias) -> [..., N] in x's dtype. Several splits of K write fp32 partial
+    sums that are added in a fixed order afterwards (deterministic, unlike atomics); one split adds the bias and
+    writes the result in the kernel."""
     K, N = w.in_features, w.out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()  # [M, K]
     M = x2.shape[0]
-    auto = launch(M, N, K, x.device)
-    block_m, block_n, split = block_m or auto[0], block_n or auto[1], split or auto[2]
-    if K % (split * BLOCK):
-        raise ValueError(f"{K} inputs do not split into {split} whole blocks of {BLOCK}")
-    part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)  # [S, M, N]
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split)
-    _gemm_4bit_kernel[grid](x2, w.codes, w.absmax, w.table, part, M, N, K, x2.stride(0), part.stride(1),
-                            part.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, K_SPLIT=K // split,
-                            num_warps=num_warps)
-    out = (part[0] if split == 1 else part.sum(0)).to(x.dtype)  # [M, N]
-    if bias is not None:
-        out += bias
+    how = how or launch(M, N, K, x.device)
+    if K % (how.split * how.block_k) or how.block_k % BLOCK or (how.scale_after and how.block_k != BLOCK):
+        raise ValueError(f"{K} inputs do not split into {how.split} whole steps of {how.block_k} ({how})")
+    grid = (triton.cdiv(M, how.block_m), triton.cdiv(N, how.block_n), how.split)
+    final = how.split == 1
+    out = torch.empty((M, N) if final else (how.split, M, N), dtype=x.dtype if final else torch.float32,
+                      device=x.device)  # [M, N] or [S, M, N]
+    _gemm_4bit_kernel[grid](x2, w.codes, w.absmax, w.table, bias if bias is not None else w.absmax, out, M, N, K,
+                            x2.stride(0), out.stride(-2), out.stride(0), BLOCK_M=how.block_m, BLOCK_N=how.block_n,
+                            BLOCK_K=how.block_k, K_SPLIT=K // how.split, SCALE_AFTER=how.scale_after,
+                            HAS_BIAS=bias is not None, FINAL=final, QBLOCK=BLOCK, PAIRS=how.pairs, num_warps=how.warps, num_stages=how.stages)
+    if not final:
+        out = out.sum(0).to(x.dtype)  # [M, N]
+        if bias is not None:
+            out += bias
     return out.reshape(*lead, N)
-

@@ -18,7 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import fused
+from . import fused, gemm4bit
 from .kvcache import KVCache
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class NeoxForward:
         if cfg.model_type != "gpt_neox":
             raise ValueError(f"the generation engine runs GPT-NeoX models, not {cfg.model_type}")
         neox = model.gpt_neox
+        self.model = model
         self.layers = neox.layers
         self.embed = neox.embed_in
         self.final_ln = neox.final_layer_norm
@@ -99,6 +100,9 @@ class NeoxForward:
         self.hd = cfg.hidden_size // self.H
         self.max_len = max_len
         self.dense = dense or {}
+        # engine/gemm4bit.py's form of the 4-bit weights and the most rows it multiplies (use_packed)
+        self.packed: dict[torch.nn.Module, gemm4bit.Packed4bit] = {}
+        self.packed_rows = 0
         dev = self.embed.weight.device
         self.device = dev
         # One activation dtype for every path: the model's own (the loader puts every tensor, and every 4-bit
@@ -110,6 +114,18 @@ class NeoxForward:
         t = torch.arange(max_len, device=dev, dtype=torch.float32)
         emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)  # [max_len, rot]
         self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def use_packed(self, max_rows: int) -> int:
+        """Multiply passes of at most max_rows rows by engine/gemm4bit.py's kernel, with the launch tune() measured
+        fastest for each weight shape here (GPU with Triton; before any CUDA graph is captured). Returns the
+        number of layers it covers (0 where the kernel cannot run or read these weights)."""
+        if max_rows <= 0 or self.device.type != "cuda" or gemm4bit.triton is None:
+            return 0
+        self.packed = gemm4bit.packed_weights(_four_bit_linears(self.model))
+        if self.packed:
+            gemm4bit.tune(list(self.packed.values()), max_rows, self.dtype)
+            self.packed_rows = max_rows
+        return len(self.packed)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding on the first `rot` dims (rotate-half form, as transformers' GPT-NeoX), written
@@ -123,8 +139,12 @@ class NeoxForward:
         return out
 
     def _linear(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One of the layers' linear modules on x [..., in]: by its dense copy for more than one token."""
-        w = self.dense.get(m) if x.numel() > x.shape[-1] else None
+        """One of the layers' linear modules on x [..., in]: up to packed_rows rows by engine/gemm4bit.py's kernel
+        on its packed 4-bit codes, else by its dense copy for more than one token, else bitsandbytes' layer."""
+        rows = x.numel() // x.shape[-1]
+        if rows <= self.packed_rows and m in self.packed:
+            return gemm4bit.matmul(x, self.packed[m], m.bias)
+        w = self.dense.get(m) if rows > 1 else None
         return m(x) if w is None else F.linear(x, w, m.bias)
 
     def _block(self, li: int, x: torch.Tensor, attend) -> torch.Tensor:

@@ -103,11 +103,30 @@ def test_gemm4bit_equals_the_dense_copies(engine):
         for rows in (1, 8, 64, 200):
             x = torch.randn(rows, w.in_features, generator=g).to(engine.lm.device, torch.float16)
             ref = F.linear(x, engine.runner.dense[m], m.bias).float()
-            for split in (None, 1):
-                got = gemm4bit.matmul(x, w, m.bias, split=split).float()
+            bm = gemm4bit.block_m(rows)
+            for how in (None, gemm4bit.Launch(block_m=bm, split=1), gemm4bit.Launch(block_m=bm, split=4, block_k=128),
+                        gemm4bit.Launch(block_m=bm, split=2, block_n=128, scale_after=True)):
+                got = gemm4bit.matmul(x, w, m.bias, how).float()
                 worst = max(worst, float((got - ref).norm() / ref.norm()))
     record("gemm4bit_vs_dense", max_rel=worst)
     assert worst <= 1e-3  # fp32 sums in another order, then fp16: ~3e-4 on the CPU interpreter
+
+
+def test_decode_on_the_4bit_matmul_equals_the_dense_copies(engine, monkeypatch):
+    """generation.four_bit_matmul_rows: the decode step (fused kernels, CUDA graphs) with its linear layers on
+    engine/gemm4bit.py's tuned launches against the same step on the dense copies, batch 4, fed the same tokens."""
+    from service.engine import gemm4bit
+
+    packed, dense = _runner(engine, True, True), _runner(engine, True, True)
+    assert packed.use_packed(4) == 4 * len(packed.layers) and packed.packed_rows == 4
+    rows, kernel = [], gemm4bit.matmul
+    monkeypatch.setattr(gemm4bit, "matmul", lambda x, *a: rows.append(x.numel() // x.shape[-1]) or kernel(x, *a))
+    rel, gap = _compare(dense, packed)
+    assert rows and max(rows) <= 4  # the packed runner's decode steps (and only they) ran the kernel
+    record("gemm4bit_decode_vs_dense", max_rel=max(rel), mean_rel=sum(rel) / len(rel), max_choice_gap=gap)
+    assert max(rel) <= REL and gap <= TIE
+    del packed, dense
+    torch.cuda.empty_cache()
 
 
 def test_dequantized_decode_equals_the_4bit_kernels(engine):

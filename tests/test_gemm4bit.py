@@ -39,7 +39,43 @@ CHECK = textwrap.dedent("""
 """)
 
 
-def test_gemm4bit_equals_bitsandbytes_dequantized_weights():
+ROUTED = textwrap.dedent("""
+    import sys
+    import torch
+    from service.engine import gemm4bit, loader
+    from service.engine.config import ModelConfig
+    from service.engine.neox import NeoxForward, _four_bit_linears, dequantized_weights
+
+    lm = loader.load(ModelConfig(model=sys.argv[1], quantization="nf4", device="cpu"))
+    dense = dequantized_weights(lm.model, lm.compute_dtype)
+    packed = NeoxForward(lm.model, 64, dense)
+    packed.packed, packed.packed_rows = gemm4bit.packed_weights(_four_bit_linears(lm.model)), 3
+    assert len(packed.packed) == 4 * len(packed.layers)
+    rows, kernel = [], gemm4bit.matmul
+    gemm4bit.matmul = lambda x, *a: rows.append(x.numel() // x.shape[-1]) or kernel(x, *a)
+    ids = torch.tensor([[5, 17, 99, 3, 42]])
+    for n in (3, 5):  # 3 tokens: every linear layer on the kernel; 5: on the dense copies
+        rows.clear()
+        got = packed.hidden(ids[:, :n], [n])  # [1, n, D]
+        want = NeoxForward(lm.model, 64, dense).hidden(ids[:, :n], [n])
+        assert rows == ([3] * 4 * len(packed.layers) if n == 3 else []), (n, rows)
+        rel = float((got - want).norm() / want.norm())
+        assert (rel < 1e-2) if n == 3 else rel == 0.0, (n, rel)
+    print("ok")
+""")
+
+
+def _interpreted(script: str, *args: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.getcwd())
-    r = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_gemm4bit_equals_bitsandbytes_dequantized_weights():
+    _interpreted(CHECK)
+
+
+def test_passes_of_few_rows_run_on_the_kernel(tiny_dir):
+    """NeoxForward.packed_rows (generation.four_bit_matmul_rows): a pass of at most that many rows multiplies every
+    linear layer by the kernel and stays near the dense copies' result; a longer one uses the copies alone."""
+    _interpreted(ROUTED, str(tiny_dir))

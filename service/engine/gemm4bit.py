@@ -3,12 +3,15 @@
 Why: a decode step of 64 rows spends 3.4 of its 8.0 ms (H200, 2026-12-03) reading the fp16 copies of the weights
 (11.3 GB), and GPUs too small for those copies fall back to bitsandbytes' layers, which dequantize every weight on
 every call. This kernel reads the packed 4-bit codes (a quarter of the bytes), turns each into its value through the
-layer's own 16-entry code table and block scale, in fp32 then rounded to fp16 exactly as bitsandbytes'
-dequantize_4bit does, and multiplies on tensor cores. Same weights, so the results differ from the dense copies'
-only by the order of fp32 accumulation.
+layer's own 16-entry code table and block scale, and multiplies on tensor cores: the same weights, so its results
+differ from the dense copies' by fp16 rounding of the weights and the order of fp32 accumulation (3.7e-4 relative
+on the 5.8B layers).
 
-Status: checked against bitsandbytes' dequantization on the CPU (Triton's interpreter); not yet timed on a GPU nor
-used by the engine (`python -m service.bench --profile-decode` times it beside the dense copies).
+Status (H200, 2026-12-04, `python -m service.bench --gemm4bit-sweep`): correct, and slower than both paths it would
+replace: a decode step's matmuls take 8.3 ms at 1 row and 17.6 ms at 64 rows, against 3.1 / 3.2 ms on the dense
+copies and 2.8 / 9.7 ms in bitsandbytes. The one indexed load per weight of the code-table lookup bounds it (0.41
+TB/s of packed bytes at best). So the engine uses it only where generation.four_bit_matmul_rows asks (off by
+default).
 """
 from __future__ import annotations
 

@@ -24,10 +24,10 @@ CHECK = textwrap.dedent("""
         bias = torch.randn(N, generator=g).half()
         want = x.float() @ ref_w.float().T + bias.float()  # [2, M, N]
         # one split (bias in the kernel) and two (partial sums); one or two scale blocks per loop step; the scale
-        # applied to each weight or to each block's product
+        # applied to each weight or to each block's product; the next step's codes loaded ahead or not
         for how in (gemm4bit.Launch(split=1), gemm4bit.Launch(split=2, block_n=32), gemm4bit.Launch(block_k=128),
                     gemm4bit.Launch(split=2, scale_after=True), gemm4bit.Launch(scale_after=True, block_m=32),
-                    gemm4bit.Launch(pairs=True, block_k=128), gemm4bit.Launch(pairs=True, scale_after=True, split=2)):
+                    gemm4bit.Launch(prefetch=True, block_k=128), gemm4bit.Launch(prefetch=True, scale_after=True, split=2)):
             got = gemm4bit.matmul(x, packed, bias, how)
             assert got.shape == (2, M, N) and got.dtype == torch.float16
             rel = ((got.float() - want).norm() / want.norm()).item()

@@ -40,9 +40,9 @@ def gemm4bit_sweep(model: str, out: Path, rows=(1, 8, 16, 32, 64, 128), iters: i
     # Packed before any of bitsandbytes' own calls (on some CPUs its first call repacks the weights in place).
     packs = {name: gemm4bit.pack(m.weight.data, m.weight.quant_state) for name, m in mods.items()}
     n_layers = len(lm.model.gpt_neox.layers)
-    # The scale applied per element lost every case of the 2026-12-04 sweep to the scale applied after the dot.
-    every = [gemm4bit.Launch(block_n=bn, split=sp, scale_after=True, pairs=pr)
-             for bn, sp, pr in itertools.product((32, 64, 128), (1, 2, 4), (False, True))]
+    # The scale applied per element lost every case of the 2026-12-04 sweeps to the scale applied after the dot.
+    every = [gemm4bit.Launch(block_n=bn, split=sp, scale_after=True, prefetch=pf, stages=st)
+             for bn, sp, (pf, st) in itertools.product((32, 64, 128), (1, 2, 4), ((False, 3), (True, 3), (True, 1)))]
     res: dict = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "cases": [],
                  "step_ms": {}}
     g = torch.Generator(device="cpu").manual_seed(0)

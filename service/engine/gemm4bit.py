@@ -9,9 +9,10 @@ on the 5.8B layers).
 
 Status (H200, 2026-12-04, `python -m service.bench --gemm4bit-sweep`): correct, and slower than both paths it would
 replace: a decode step's matmuls take 8.3 ms at 1 row and 17.6 ms at 64 rows, against 3.1 / 3.2 ms on the dense
-copies and 2.8 / 9.7 ms in bitsandbytes. The one indexed load per weight of the code-table lookup bounds it (0.41
-TB/s of packed bytes at best). So the engine uses it only where generation.four_bit_matmul_rows asks (off by
-default).
+copies and 2.8 / 9.7 ms in bitsandbytes (0.41 TB/s of packed bytes at best). Read in its PTX afterwards: every
+loop step waits for a round trip to memory, for its own codes, before it can look them up; the `prefetch` launches
+(not yet timed on a GPU) load them a step ahead. Past that, the lookup costs one indexed load per weight. So the
+engine uses it only where generation.four_bit_matmul_rows asks (off by default).
 """
 from __future__ import annotations
 
@@ -69,15 +70,16 @@ if triton is not None:
     def _gemm_4bit_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                           stride_os, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           K_SPLIT: tl.constexpr, SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          FINAL: tl.constexpr, QBLOCK: tl.constexpr, PAIRS: tl.constexpr):
+                          FINAL: tl.constexpr, QBLOCK: tl.constexpr, PREFETCH: tl.constexpr):
         """Program (m, n, s): x[m-tile, K range s] @ W[n-tile, K range s]^T accumulated in fp32; FINAL (one split)
         adds the bias and stores x's dtype, else it stores fp32 partial sums out[s]. The weight tile is read as
         [BLOCK_K, BLOCK_N] straight from the codes, each byte by the two lanes of its two nibbles (no shuffle of
-        nibbles into place); PAIRS reads it as bytes, [BLOCK_K/2, BLOCK_N], and multiplies the high nibbles by the
-        even inputs and the low ones by the odd inputs in two dots. SCALE_AFTER: multiply the code values (fp16) first and each output by its block's
+        nibbles into place). SCALE_AFTER: multiply the code values (fp16) first and each output by its block's
         scale afterwards, one dot per 64-input block (no per-element scale load; the weights then differ from
         dequantize_4bit's by its fp16 rounding); else each weight is table * scale in fp32 rounded to fp16, as
-        dequantize_4bit computes it."""
+        dequantize_4bit computes it. PREFETCH: each step loads the next step's codes before it looks up its own
+        (Triton's pipeliner stages the table lookups, whose addresses come from the codes, but not the codes
+        themselves: without it every step waits for a round trip to memory; read in the PTX, 2026-12-04)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -86,40 +88,28 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         mm, nm = rm < M, rn < N
         shift = ((1 - rk % 2) * 4)[:, None].to(tl.uint8)  # [BK, 1]: element 2j is byte j's high nibble
+        codes = codes_ptr + rn[None, :] * (K // 2) + (rk // 2)[:, None]  # [BK, BN] pointers of the first step
+        start = pid_s * K_SPLIT
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        rj = tl.arange(0, BLOCK_K // 2)
+        b_next = tl.load(codes + start // 2, mask=nm[None, :], other=0)  # [BK, BN] uint8
         for i in range(0, K_SPLIT, BLOCK_K):  # constant bounds (Triton's interpreter needs them)
-            k0 = pid_s * K_SPLIT + i
-            if PAIRS:
-                # bytes as they lie, [BK/2, BN] (contiguous along K: wide loads); even inputs meet high nibbles
-                b = tl.load(codes_ptr + rn[None, :] * (K // 2) + (k0 // 2 + rj)[:, None], mask=nm[None, :], other=0)
-                x_even = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj)[None, :], mask=mm[:, None],
-                                 other=0.0)  # [BM, BK/2]
-                x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + 2 * rj + 1)[None, :], mask=mm[:, None],
-                                other=0.0)  # [BM, BK/2]
-                hi = tl.load(table_ptr + (b >> 4).to(tl.int32))  # [BK/2, BN]
-                lo = tl.load(table_ptr + (b & 15).to(tl.int32))
-                if SCALE_AFTER:
-                    s = tl.load(absmax_ptr + rn * (K // QBLOCK) + k0 // QBLOCK, mask=nm, other=0.0)  # [BN]
-                    acc += (tl.dot(x_even, hi.to(x_even.dtype)) + tl.dot(x_odd, lo.to(x_even.dtype))) * s[None, :]
-                else:
-                    s = tl.load(absmax_ptr + rn[None, :] * (K // QBLOCK) + ((k0 + 2 * rj) // QBLOCK)[:, None],
-                                mask=nm[None, :], other=0.0)  # [BK/2, BN]
-                    acc = tl.dot(x_even, (hi * s).to(x_even.dtype), acc)
-                    acc = tl.dot(x_odd, (lo * s).to(x_even.dtype), acc)
+            k0 = start + i
+            if PREFETCH:
+                b = b_next
+                # the last step reloads its own codes: in range, and unused
+                b_next = tl.load(codes + (start + tl.minimum(i + BLOCK_K, K_SPLIT - BLOCK_K)) // 2, mask=nm[None, :],
+                                 other=0)
             else:
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mm[:, None],
-                            other=0.0)  # [BM, BK]
-                b = tl.load(codes_ptr + rn[None, :] * (K // 2) + ((k0 + rk) // 2)[:, None], mask=nm[None, :],
-                            other=0)  # [BK, BN] uint8
-                t = tl.load(table_ptr + ((b >> shift) & 15).to(tl.int32))  # [BK, BN] code values
-                if SCALE_AFTER:
-                    s = tl.load(absmax_ptr + rn * (K // QBLOCK) + k0 // QBLOCK, mask=nm, other=0.0)  # [BN]
-                    acc += tl.dot(x, t.to(x.dtype)) * s[None, :]
-                else:
-                    s = tl.load(absmax_ptr + rn[None, :] * (K // QBLOCK) + ((k0 + rk) // QBLOCK)[:, None],
-                                mask=nm[None, :], other=0.0)  # [BK, BN]
-                    acc = tl.dot(x, (t * s).to(x.dtype), acc)
+                b = tl.load(codes + k0 // 2, mask=nm[None, :], other=0)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mm[:, None], other=0.0)  # [BM, BK]
+            t = tl.load(table_ptr + ((b >> shift) & 15).to(tl.int32))  # [BK, BN] code values
+            if SCALE_AFTER:
+                s = tl.load(absmax_ptr + rn * (K // QBLOCK) + k0 // QBLOCK, mask=nm, other=0.0)  # [BN]
+                acc += tl.dot(x, t.to(x.dtype)) * s[None, :]
+            else:
+                s = tl.load(absmax_ptr + rn[None, :] * (K // QBLOCK) + ((k0 + rk) // QBLOCK)[:, None],
+                            mask=nm[None, :], other=0.0)  # [BK, BN]
+                acc = tl.dot(x, (t * s).to(x.dtype), acc)
         if FINAL:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -133,14 +123,15 @@ if triton is not None:
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One way to run the kernel: rows and output features per program, splits of K, inputs per loop step,
-    scale applied after the dot, bytes read whole and two dots (see the kernel), warps and software-pipeline stages."""
+    scale applied after the dot, the next step's codes loaded ahead (see the kernel), warps and software-pipeline
+    stages."""
 
     block_m: int = 16
     block_n: int = 64
     split: int = 1
     block_k: int = 64
     scale_after: bool = False
-    pairs: bool = False
+    prefetch: bool = False
     warps: int = 4
     stages: int = 3
 
@@ -153,8 +144,8 @@ def block_m(M: int) -> int:
 _tuned: dict[tuple[int, int, int, int], Launch] = {}
 """(N, K, block_m, device index) -> the fastest launch that tune() measured."""
 
-CANDIDATES = tuple(Launch(block_n=bn, split=sp, scale_after=True, pairs=pr) for bn in (32, 64) for sp in (1, 2, 4)
-                   for pr in (False, True))
+CANDIDATES = tuple(Launch(block_n=bn, split=sp, scale_after=True, prefetch=pf, stages=st) for bn in (32, 64)
+                   for sp in (1, 2, 4) for pf, st in ((False, 3), (True, 3), (True, 1)))
 """Launches tune() times (an untuned first list; `python -m service.bench --gemm4bit-sweep` measures more)."""
 
 
@@ -249,7 +240,7 @@ def matmul(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None, how
     _gemm_4bit_kernel[grid](x2, w.codes, w.absmax, w.table, bias if bias is not None else w.absmax, out, M, N, K,
                             x2.stride(0), out.stride(-2), out.stride(0), BLOCK_M=how.block_m, BLOCK_N=how.block_n,
                             BLOCK_K=how.block_k, K_SPLIT=K // how.split, SCALE_AFTER=how.scale_after,
-                            HAS_BIAS=bias is not None, FINAL=final, QBLOCK=BLOCK, PAIRS=how.pairs, num_warps=how.warps, num_stages=how.stages)
+                            HAS_BIAS=bias is not None, FINAL=final, QBLOCK=BLOCK, PREFETCH=how.prefetch, num_warps=how.warps, num_stages=how.stages)
     if not final:
         out = out.sum(0).to(x.dtype)  # [M, N]
         if bias is not None:

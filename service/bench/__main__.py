@@ -22,7 +22,7 @@ from .baselines import baseline_generate, baseline_hflm, baseline_raw_forward, b
 from .check import WrongOutput, check_outputs
 from .driver import run_service
 from .kvsim import kv_fragmentation
-from .profiles import (attention_sweep, autoscale_run, engine_traffic, gemm4bit_sweep, profile_decode, profile_prefill,
+from .profiles import (attention_sweep, autoscale_run, engine_traffic, gemm4bit_ptx, gemm4bit_sweep, profile_decode, profile_prefill,
                        profile_score)
 from .report import frontend_hop, hop_table, table, traffic_table, versions
 from .workloads import BenchConfig, gpu_model, make_workloads, traffic_rows
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile-prefill", action="store_true", help="GPU: time and profile the prefill step only")
     ap.add_argument("--gemm4bit-sweep", action="store_true",
                     help="GPU: engine/gemm4bit.py's 4-bit matmul against the dense copies and bitsandbytes")
+    ap.add_argument("--gemm4bit-ptx", action="store_true",
+                    help="CPU: the 4-bit matmul's K loop compiled for sm_90 without a GPU, instructions per weight")
     ap.add_argument("--decode-prompt", type=int, default=32, help="--profile-decode: tokens in each row's cache")
     ap.add_argument("--attention-sweep", action="store_true",
                     help="GPU: the fused decode attention alone at the real-traffic shape, over its launch settings")
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         return autoscale_run(gpu_model(args.model), Path(args.out), max_replicas=max(2, torch.cuda.device_count()))
     if args.profile_decode:
         return profile_decode(gpu_model(args.model), Path(args.out), prompt_len=args.decode_prompt)
+    if args.gemm4bit_ptx:
+        return gemm4bit_ptx(Path(args.out))
     if args.gemm4bit_sweep:
         return gemm4bit_sweep(gpu_model(args.model), Path(args.out))
     if args.profile_prefill:

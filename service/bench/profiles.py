@@ -41,8 +41,9 @@ def gemm4bit_sweep(model: str, out: Path, rows=(1, 8, 16, 32, 64, 128), iters: i
     packs = {name: gemm4bit.pack(m.weight.data, m.weight.quant_state) for name, m in mods.items()}
     n_layers = len(lm.model.gpt_neox.layers)
     # The scale applied per element lost every case of the 2026-12-04 sweeps to the scale applied after the dot.
-    every = [gemm4bit.Launch(block_n=bn, split=sp, scale_after=True, prefetch=pf, stages=st)
-             for bn, sp, (pf, st) in itertools.product((32, 64, 128), (1, 2, 4), ((False, 3), (True, 3), (True, 1)))]
+    every = [gemm4bit.Launch(block_n=bn, split=sp, scale_after=True, prefetch=pf, stages=st, words=wr, reg_table=wr)
+             for bn, sp, (pf, st), wr in itertools.product((32, 64, 128), (1, 2, 4), ((False, 3), (True, 3), (True, 1)),
+                                                           (False, True))]
     res: dict = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "cases": [],
                  "step_ms": {}}
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -91,6 +92,58 @@ def gemm4bit_sweep(model: str, out: Path, rows=(1, 8, 16, 32, 64, 128), iters: i
         print(M, step, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "gemm4bit-sweep.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def gemm4bit_loop(how, K: int = 4096, capability: int = 90) -> dict:
+    """engine/gemm4bit.py's kernel for one launch compiled for a GPU of this compute capability without one
+    (Triton's own compiler, on any machine): PTX instructions of its K loop per weight each thread handles, its
+    shared memory, local-memory (spill) references, and the count of each instruction in the loop. Instruction
+    counts, not times: how launches' loops differ, read where no GPU is at hand."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..engine import gemm4bit
+
+    final = how.split == 1
+    sig = {"x_ptr": "*fp16", "codes_ptr": "*i32" if how.words else "*u8", "absmax_ptr": "*fp32", "table_ptr": "*fp32",
+           "bias_ptr": "*fp16", "out_ptr": "*fp16" if final else "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_om": "i32", "stride_os": "i32"}
+    consts = {"BLOCK_M": how.block_m, "BLOCK_N": how.block_n, "BLOCK_K": how.block_k, "K_SPLIT": K // how.split,
+              "SCALE_AFTER": how.scale_after, "HAS_BIAS": True, "FINAL": final, "QBLOCK": gemm4bit.BLOCK,
+              "PREFETCH": how.prefetch, "WORDS": how.words, "REG_TABLE": how.reg_table}
+    sig.update({c: "constexpr" for c in consts})
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10)}  # pointers, sizes, strides
+    k = triton.compile(ASTSource(fn=gemm4bit._gemm_4bit_kernel, signature=sig, constexprs=consts, attrs=aligned),
+                       target=GPUTarget("cuda", capability, 32),
+                       options={"num_warps": how.warps, "num_stages": how.stages})
+    lines = k.asm["ptx"].splitlines()
+    top = next(i for i, line in enumerate(lines) if "Inner Loop Header" in line)
+    end = max(i for i, line in enumerate(lines) if i > top and re.search(r"bra\s+\$L__BB0_\d+;", line))
+    body = [line.strip() for line in lines[top:end + 1]
+            if line.strip() and not line.strip().startswith(("//", ".loc", "$"))]
+    ops: dict[str, int] = {}
+    for line in body:
+        op = re.sub(r"^@!?%p\d+\s+", "", line).split()[0]
+        ops[op] = ops.get(op, 0) + 1
+    weights = how.block_n * how.block_k / (how.warps * 32)
+    return {"launch": dataclasses.asdict(how), "instructions_per_weight": len(body) / weights,
+            "shared_bytes": k.metadata.shared, "local_refs": len(re.findall(r"\.local", k.asm["ptx"])),
+            "loop_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+
+
+def gemm4bit_ptx(out: Path) -> list[dict]:
+    """gemm4bit_loop for every launch gemm4bit.tune tries, at tiles of 16 and 64 rows (CPU: no GPU needed)."""
+    from ..engine import gemm4bit
+
+    res = [gemm4bit_loop(dataclasses.replace(h, block_m=bm)) for bm in (16, 64) for h in gemm4bit.CANDIDATES]
+    for r in res:
+        print(json.dumps({k: r[k] for k in ("launch", "instructions_per_weight", "shared_bytes", "local_refs")}))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gemm4bit-ptx.json").write_text(json.dumps(res, indent=2))
     return res
 
 

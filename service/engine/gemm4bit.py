@@ -10,13 +10,16 @@ on the 5.8B layers).
 Status (H200, 2026-12-04, `python -m service.bench --gemm4bit-sweep`): correct, and slower than both paths it would
 replace: a decode step's matmuls take 8.3 ms at 1 row and 17.6 ms at 64 rows, against 3.1 / 3.2 ms on the dense
 copies and 2.8 / 9.7 ms in bitsandbytes (0.41 TB/s of packed bytes at best). Read in its PTX afterwards: every
-loop step waits for a round trip to memory, for its own codes, before it can look them up; the `prefetch` launches
-(not yet timed on a GPU) load them a step ahead. Past that, the lookup costs one indexed load per weight. So the
-engine uses it only where generation.four_bit_matmul_rows asks (off by default).
+loop step waits for a round trip to memory, for its own codes, before it can look them up, and each weight costs
+an indexed load from the code table. The `prefetch` launches load the codes a step ahead, and the `words` +
+`reg_table` launches read each word of codes once and look the values up in registers by warp shuffles (7.8 PTX
+instructions per weight against 14.3, `python -m service.bench --gemm4bit-ptx`); none of them is timed on a GPU
+yet. So the engine uses the kernel only where generation.four_bit_matmul_rows asks (off by default).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -27,6 +30,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs
     triton = None
+
+log = logging.getLogger(__name__)
 
 BLOCK = 64
 """bitsandbytes' quantization block (elements per scale) this kernel reads; one key block of the kernel spans one."""
@@ -70,16 +75,20 @@ if triton is not None:
     def _gemm_4bit_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                           stride_os, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           K_SPLIT: tl.constexpr, SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          FINAL: tl.constexpr, QBLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+                          FINAL: tl.constexpr, QBLOCK: tl.constexpr, PREFETCH: tl.constexpr, WORDS: tl.constexpr,
+                          REG_TABLE: tl.constexpr):
         """Program (m, n, s): x[m-tile, K range s] @ W[n-tile, K range s]^T accumulated in fp32; FINAL (one split)
-        adds the bias and stores x's dtype, else it stores fp32 partial sums out[s]. The weight tile is read as
-        [BLOCK_K, BLOCK_N] straight from the codes, each byte by the two lanes of its two nibbles (no shuffle of
-        nibbles into place). SCALE_AFTER: multiply the code values (fp16) first and each output by its block's
-        scale afterwards, one dot per 64-input block (no per-element scale load; the weights then differ from
-        dequantize_4bit's by its fp16 rounding); else each weight is table * scale in fp32 rounded to fp16, as
-        dequantize_4bit computes it. PREFETCH: each step loads the next step's codes before it looks up its own
-        (Triton's pipeliner stages the table lookups, whose addresses come from the codes, but not the codes
-        themselves: without it every step waits for a round trip to memory; read in the PTX, 2026-12-04)."""
+        adds the bias and stores x's dtype, else it stores fp32 partial sums out[s]. The weight tile's codes
+        [BLOCK_K, BLOCK_N] come straight from the packed bytes (no shuffle of nibbles into place): each byte read by
+        the lanes of its two nibbles, or (WORDS, codes_ptr then int32) each 4-byte word read once and split into its
+        8 nibbles by shifts. Their values come from the code table in memory, one indexed load each, or (REG_TABLE)
+        from the table held in registers, by warp shuffles (tl.gather). SCALE_AFTER: multiply the code values (fp16)
+        first and each output by its block's scale afterwards, one dot per 64-input block (no per-element scale
+        load; the weights then differ from dequantize_4bit's by its fp16 rounding); else each weight is table *
+        scale in fp32 rounded to fp16, as dequantize_4bit computes it. PREFETCH: each step loads the next step's
+        codes before it looks up its own (Triton's pipeliner stages the table lookups, whose addresses come from the
+        codes, but not the codes themselves: without it every step waits for a round trip to memory; read in the
+        PTX, 2026-12-04)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -87,22 +96,40 @@ if triton is not None:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         mm, nm = rm < M, rn < N
-        shift = ((1 - rk % 2) * 4)[:, None].to(tl.uint8)  # [BK, 1]: element 2j is byte j's high nibble
-        codes = codes_ptr + rn[None, :] * (K // 2) + (rk // 2)[:, None]  # [BK, BN] pointers of the first step
+        if WORDS:
+            r8 = tl.arange(0, 8)
+            shift = (8 * (r8 // 2) + 4 * (1 - r8 % 2))[None, :, None]  # [1, 8, 1]: nibble e of a little-endian word
+            codes = codes_ptr + rn[None, :] * (K // 8) + tl.arange(0, BLOCK_K // 8)[:, None]  # [BK/8, BN] words
+            per = 8
+        else:
+            shift = ((1 - rk % 2) * 4)[:, None].to(tl.uint8)  # [BK, 1]: element 2j is byte j's high nibble
+            codes = codes_ptr + rn[None, :] * (K // 2) + (rk // 2)[:, None]  # [BK, BN] bytes
+            per = 2
+        table = tl.load(table_ptr + tl.arange(0, 16))  # [16] float32
+        if SCALE_AFTER:
+            table = table.to(x_ptr.dtype.element_ty)
+        table = tl.broadcast_to(table[:, None], (16, BLOCK_N))  # [16, BN] for tl.gather along the codes
         start = pid_s * K_SPLIT
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        b_next = tl.load(codes + start // 2, mask=nm[None, :], other=0)  # [BK, BN] uint8
+        c_next = tl.load(codes + start // per, mask=nm[None, :], other=0)
         for i in range(0, K_SPLIT, BLOCK_K):  # constant bounds (Triton's interpreter needs them)
             k0 = start + i
             if PREFETCH:
-                b = b_next
+                c = c_next
                 # the last step reloads its own codes: in range, and unused
-                b_next = tl.load(codes + (start + tl.minimum(i + BLOCK_K, K_SPLIT - BLOCK_K)) // 2, mask=nm[None, :],
-                                 other=0)
+                c_next = tl.load(codes + (start + tl.minimum(i + BLOCK_K, K_SPLIT - BLOCK_K)) // per,
+                                 mask=nm[None, :], other=0)
             else:
-                b = tl.load(codes + k0 // 2, mask=nm[None, :], other=0)
+                c = tl.load(codes + k0 // per, mask=nm[None, :], other=0)
+            if WORDS:
+                idx = tl.reshape((c[:, None, :] >> shift) & 15, (BLOCK_K, BLOCK_N))  # [BK, BN]
+            else:
+                idx = ((c >> shift) & 15).to(tl.int32)  # [BK, BN]
+            if REG_TABLE:
+                t = tl.gather(table, idx, 0)  # [BK, BN] code values
+            else:
+                t = tl.load(table_ptr + idx)  # [BK, BN] code values
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mm[:, None], other=0.0)  # [BM, BK]
-            t = tl.load(table_ptr + ((b >> shift) & 15).to(tl.int32))  # [BK, BN] code values
             if SCALE_AFTER:
                 s = tl.load(absmax_ptr + rn * (K // QBLOCK) + k0 // QBLOCK, mask=nm, other=0.0)  # [BN]
                 acc += tl.dot(x, t.to(x.dtype)) * s[None, :]
@@ -123,8 +150,8 @@ if triton is not None:
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One way to run the kernel: rows and output features per program, splits of K, inputs per loop step,
-    scale applied after the dot, the next step's codes loaded ahead (see the kernel), warps and software-pipeline
-    stages."""
+    scale applied after the dot, the next step's codes loaded ahead, codes read as words, the code table in
+    registers (see the kernel), warps and software-pipeline stages."""
 
     block_m: int = 16
     block_n: int = 64
@@ -132,6 +159,8 @@ class Launch:
     block_k: int = 64
     scale_after: bool = False
     prefetch: bool = False
+    words: bool = False
+    reg_table: bool = False
     warps: int = 4
     stages: int = 3
 
@@ -144,8 +173,8 @@ def block_m(M: int) -> int:
 _tuned: dict[tuple[int, int, int, int], Launch] = {}
 """(N, K, block_m, device index) -> the fastest launch that tune() measured."""
 
-CANDIDATES = tuple(Launch(block_n=bn, split=sp, scale_after=True, prefetch=pf, stages=st) for bn in (32, 64)
-                   for sp in (1, 2, 4) for pf, st in ((False, 3), (True, 3), (True, 1)))
+CANDIDATES = tuple(Launch(block_n=bn, split=sp, scale_after=True, prefetch=pf, stages=st, words=wr, reg_table=wr)
+                   for bn in (32, 64) for sp in (1, 2, 4) for pf, st in ((False, 3), (True, 1)) for wr in (False, True))
 """Launches tune() times (an untuned first list; `python -m service.bench --gemm4bit-sweep` measures more)."""
 
 
@@ -207,7 +236,8 @@ def tune(weights: list[Packed4bit], max_rows: int, dtype: torch.dtype = torch.fl
                     continue
                 try:
                     us = graph_us(lambda: matmul(x, w, None, how))
-                except triton.runtime.errors.OutOfResources:  # e.g. its tiles need more shared memory than there is
+                except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError) as e:
+                    log.info("gemm4bit launch %s skipped: %s", how, str(e).splitlines()[0][:200])  # e.g. shared memory
                     continue
                 if best is None or us < best[0]:
                     best = (us, how)
@@ -237,12 +267,15 @@ def matmul(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None, how
     final = how.split == 1
     out = torch.empty((M, N) if final else (how.split, M, N), dtype=x.dtype if final else torch.float32,
                       device=x.device)  # [M, N] or [S, M, N]
-    _gemm_4bit_kernel[grid](x2, w.codes, w.absmax, w.table, bias if bias is not None else w.absmax, out, M, N, K,
+    codes = w.codes.view(torch.int32) if how.words else w.codes  # [N, K/8] words or [N, K/2] bytes
+    _gemm_4bit_kernel[grid](x2, codes, w.absmax, w.table, bias if bias is not None else w.absmax, out, M, N, K,
                             x2.stride(0), out.stride(-2), out.stride(0), BLOCK_M=how.block_m, BLOCK_N=how.block_n,
                             BLOCK_K=how.block_k, K_SPLIT=K // how.split, SCALE_AFTER=how.scale_after,
-                            HAS_BIAS=bias is not None, FINAL=final, QBLOCK=BLOCK, PREFETCH=how.prefetch, num_warps=how.warps, num_stages=how.stages)
+                            HAS_BIAS=bias is not None, FINAL=final, QBLOCK=BLOCK, PREFETCH=how.prefetch, WORDS=how.words,
+                            REG_TABLE=how.reg_table, num_warps=how.warps, num_stages=how.stages)
     if not final:
         out = out.sum(0).to(x.dtype)  # [M, N]
         if bias is not None:
             out += bias
     return out.reshape(*lead, N)
+

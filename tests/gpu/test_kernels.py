@@ -106,7 +106,9 @@ def test_gemm4bit_equals_the_dense_copies(engine):
             bm = gemm4bit.block_m(rows)
             for how in (None, gemm4bit.Launch(block_m=bm, split=1), gemm4bit.Launch(block_m=bm, split=4, block_k=128),
                         gemm4bit.Launch(block_m=bm, split=2, block_n=128, scale_after=True),
-                        gemm4bit.Launch(block_m=bm, split=2, scale_after=True, prefetch=True, stages=1)):
+                        gemm4bit.Launch(block_m=bm, split=2, scale_after=True, prefetch=True, stages=1),
+                        gemm4bit.Launch(block_m=bm, split=2, words=True, reg_table=True),
+                        gemm4bit.Launch(block_m=bm, scale_after=True, prefetch=True, words=True, reg_table=True)):
                 got = gemm4bit.matmul(x, w, m.bias, how).float()
                 worst = max(worst, float((got - ref).norm() / ref.norm()))
     record("gemm4bit_vs_dense", max_rel=worst)

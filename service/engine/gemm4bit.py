@@ -174,8 +174,12 @@ _tuned: dict[tuple[int, int, int, int], Launch] = {}
 """(N, K, block_m, device index) -> the fastest launch that tune() measured."""
 
 CANDIDATES = tuple(Launch(block_n=bn, split=sp, scale_after=True, prefetch=pf, stages=st, words=wr, reg_table=wr)
-                   for bn in (32, 64) for sp in (1, 2, 4) for pf, st in ((False, 3), (True, 1)) for wr in (False, True))
-"""Launches tune() times (an untuned first list; `python -m service.bench --gemm4bit-sweep` measures more)."""
+                   for bn in (32, 64) for sp in (1, 2, 4)
+                   for pf, st, wr in ((False, 3, False), (True, 1, True), (True, 3, True)))
+"""Launches tune() times: the fastest kind on the H200 sweep of 2026-12-04 (codes as bytes, table in memory) and
+the word/register kind with prefetch (fewest instructions in its PTX, not yet timed). Triton compiles each once per
+tile height and input width, so the first start with the kernel on spends minutes here; later starts read
+Triton's cache."""
 
 
 def launch(M: int, N: int, K: int, device: torch.device) -> Launch:

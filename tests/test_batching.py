@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -89,7 +90,12 @@ def test_queue_limit_raises_queue_full(engine_small):
 
     async def main():
         tasks = [asyncio.ensure_future(_collect(engine_small, "나는", params)) for _ in range(5)]
-        await asyncio.sleep(0)  # 5 added: 2 can run, 3 may wait
+        # the queue full (2 running, 3 waiting) before the 6th: one yield was not always enough for the 5 to get
+        # there first (a 6th that got in before them made one of them the one refused)
+        deadline = time.monotonic() + 10
+        while engine_small.generation_load()[1] < 3:
+            assert time.monotonic() < deadline, engine_small.generation_load()
+            await asyncio.sleep(0.001)
         with pytest.raises(QueueFull):
             await _collect(engine_small, "나는", params)
         return await asyncio.gather(*tasks)
@@ -136,6 +142,49 @@ def test_pipelined_greedy_steps_equal_transformers(engine_fp32, hf_fp32, monkeyp
     cut = run(_collect(engine_fp32, prompts[0], GenerationParams(max_new_tokens=40, stop=(stop,))))
     assert cut[-1].finish_reason == "stop"
     assert "".join(c.text for c in cut) == text[: text.index(stop)]
+    assert run(_drained(engine_fp32))
+
+
+def test_logprobs_streams_stay_pipelined_and_equal_transformers(engine_fp32, hf_fp32, monkeypatch):
+    """Streams that ask for logprobs (greedy with 3 alternatives, sampled with none) beside a plain greedy one:
+    the batch still runs ahead of the host (the log-probabilities are computed on the device and read back behind
+    the next step), and every reported log-probability is transformers' own at that position, before penalties
+    and masks (a repetition penalty and min_new_tokens shape the choice, not the reported distribution)."""
+    tok = engine_fp32.lm.tokenizer
+    runner = engine_fp32.runner
+    ahead, orig = [], runner.decode_again
+    monkeypatch.setattr(runner, "decode_again", lambda n, p: ahead.append(n) or orig(n, p))
+    cases = [("오늘은 날씨가", GenerationParams(max_new_tokens=24, logprobs=True, top_logprobs=3)),
+             ("서울의 봄은", GenerationParams(max_new_tokens=24, min_new_tokens=24, logprobs=True,
+                                           sampling=SamplingParams(temperature=1.1, top_p=0.9, seed=7,
+                                                                   repetition_penalty=1.2))),
+             ("나는", GenerationParams(max_new_tokens=24))]
+
+    async def main():
+        return await asyncio.gather(*(_collect(engine_fp32, p, params) for p, params in cases))
+
+    results = run(main())
+    assert ahead, "no step ran ahead of the host"
+    for (prompt, params), chunks in zip(cases, results):
+        gen, lps = _tokens(chunks), [x for c in chunks for x in c.logprobs]
+        if not params.logprobs:
+            assert not lps
+            continue
+        assert len(lps) == len(gen) == chunks[-1].generated_tokens
+        ids = encode(tok, prompt)
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_fp32(torch.tensor([ids + gen])).logits.float(), -1)[0]  # [T, V]
+        want = [float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(gen)]
+        assert lps == pytest.approx(want, abs=1e-4)
+        tops = [x for c in chunks for x in c.top_ids]
+        if params.top_logprobs:
+            best = logp[len(ids) - 1 : len(ids) - 1 + len(gen)].topk(3, -1)
+            assert tops == best.indices.tolist()
+            got = [v for c in chunks for row in c.top_logprobs for v in row]
+            assert got == pytest.approx(best.values.flatten().tolist(), abs=1e-4)
+            assert all(t[0] == g for t, g in zip(tops, gen))  # greedy picks the top token
+        else:
+            assert all(t == [] for t in tops)
     assert run(_drained(engine_fp32))
 
 

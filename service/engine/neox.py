@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import fused, gemm4bit
 from .kvcache import KVCache
+from .sampling import logprobs
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,7 @@ class NeoxRunner(NeoxForward):
         self._no_eos_host: list[bool] = []
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._fetch_bufs = [torch.empty(max_slots, dtype=torch.long, pin_memory=True) for _ in range(2)] if dev.type == "cuda" else []
+        self._logprob_bufs: list[tuple[torch.Tensor, torch.Tensor]] = []  # next_logprobs' pinned pairs, made at first use
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @staticmethod
@@ -570,6 +572,21 @@ class NeoxRunner(NeoxForward):
             pinned = self._fetch_bufs[0]
         return TokenFetch(self._tok[:n], pinned)
 
+    def next_logprobs(self, logits: torch.Tensor, n: int, k: int) -> "LogprobFetch":
+        """Log-probabilities under logits [n, V] of the tokens the last step left for the next one (the argmax, or
+        what feed() put there), and of the k most likely (engine/sampling.py's logprobs), copied to the host
+        without blocking, like next_tokens (two pinned buffer sets in turn)."""
+        lp, top_v, top_i = logprobs(logits[:n], self._tok[:n], k)
+        pinned = None
+        if self._tok.is_cuda:
+            m = self.max_slots * (1 + max(k, 20))
+            if not self._logprob_bufs or self._logprob_bufs[0][0].numel() < m:  # made at first use, grown for a larger k
+                self._logprob_bufs = [(torch.empty(m, pin_memory=True), torch.empty(m, dtype=torch.long, pin_memory=True))
+                                      for _ in range(2)]
+            self._logprob_bufs.reverse()
+            pinned = self._logprob_bufs[0]
+        return LogprobFetch(lp, top_v, top_i, pinned)
+
     def _step(self, n: int, max_position: int) -> torch.Tensor:
         B = self._batch(n)
         T = next(t for t in self.len_buckets if t > max_position)
@@ -642,6 +659,33 @@ class NeoxRunner(NeoxForward):
     def graph_buckets(self) -> list[tuple[int, int]]:
         """The (batch rows, key positions) buckets captured as CUDA graphs."""
         return sorted(self._graphs)
+
+
+class LogprobFetch:
+    """A device-to-host copy in flight of n chosen tokens' log-probabilities [n] and their k best alternatives'
+    (values and ids, [n, k]): wait() returns them as lists once the GPU has produced them."""
+
+    def __init__(self, lp: torch.Tensor, top_v: torch.Tensor, top_i: torch.Tensor,
+                 pinned: tuple[torch.Tensor, torch.Tensor] | None):
+        self._shape = top_v.shape
+        if pinned is None:
+            self._ready = (lp.tolist(), top_v.tolist(), top_i.tolist())
+            return
+        self._ready = None
+        n, k = top_v.shape
+        values, ids = pinned  # flat: lp in [0, n), the top values after it; a contiguous slice each
+        self._lp, self._v, self._i = values[:n], values[n : n + n * k].view(n, k), ids[: n * k].view(n, k)
+        self._lp.copy_(lp, non_blocking=True)
+        self._v.copy_(top_v, non_blocking=True)
+        self._i.copy_(top_i, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> tuple[list[float], list[list[float]], list[list[int]]]:
+        if self._ready is None:
+            self._event.synchronize()
+            self._ready = (self._lp.tolist(), self._v.tolist(), self._i.tolist())
+        return self._ready
 
 
 class TokenFetch:

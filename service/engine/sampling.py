@@ -190,3 +190,15 @@ def sample(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None, e
     z = filters(z, rows)
     gumbel = -torch.log(-torch.log(uniform(rows.seed_lo, rows.seed_hi, rows.step, z.shape[-1])))  # [n, V]
     return torch.where(rows.temperature > 0, (z + gumbel).argmax(-1), greedy)
+
+
+def logprobs(logits: torch.Tensor, toks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's own distribution (logits [n, V], before penalties and masks) of the
+    chosen tokens toks [n] -> [n], and the k most likely tokens' -> values [n, k], ids [n, k]. One function for the
+    host path and the pipelined one, so both report the same numbers."""
+    logp = torch.log_softmax(logits.float(), -1)  # [n, V]
+    lp = logp.gather(1, toks[:, None])[:, 0]  # [n]
+    if not k:
+        return lp, logp.new_empty(len(toks), 0), toks.new_empty(len(toks), 0)
+    top_v, top_i = torch.topk(logp, k, -1)  # [n, k] each
+    return lp, top_v, top_i

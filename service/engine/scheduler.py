@@ -13,8 +13,8 @@ from .drain import DrainRate
 from .errors import QueueFull
 from .generation import Chunk, Sequence, accept
 from .kvspace import Backfill, KVSpace
-from .neox import NeoxRunner, TokenFetch
-from .sampling import RowSampling, sample
+from .neox import LogprobFetch, NeoxRunner, TokenFetch
+from .sampling import RowSampling, logprobs, sample
 
 log = logging.getLogger(__name__)
 Output = tuple[Sequence, "Chunk | BaseException"]
@@ -60,7 +60,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # running[i] is batch row i
         self.kv = KVSpace(runner.kv_tokens)
-        self._pending: tuple[list[Sequence], TokenFetch] | None = None  # a launched step not yet read back
+        # a launched step not yet read back: its sequences, their tokens, and their logprobs where any asks
+        self._pending: tuple[list[Sequence], TokenFetch, LogprobFetch | None] | None = None
         self._rows: RowSampling | None = None  # the pipelined batch's sampling, when any row is not plain greedy
         self._lock = threading.Lock()
         self.drain = DrainRate()
@@ -205,7 +206,7 @@ class Scheduler:
                 seqs = list(self.running)
                 self._rows = self._device_rows(seqs)
                 self._choose_on_device(logits)
-                self._pending = (seqs, self.runner.next_tokens(len(seqs)))
+                self._pending = (seqs, self.runner.next_tokens(len(seqs)), self._logprobs_on_device(seqs, logits))
                 return out
         except Exception as e:  # noqa: BLE001 - the decoded rows fail; mid-prefill newcomers go on
             return out + _failed([self.running[i] for i in rows], e)
@@ -291,10 +292,16 @@ class Scheduler:
     @staticmethod
     def _on_device(seq: Sequence, ahead: int) -> bool:
         """Whether seq's token `ahead` tokens after those accepted may be chosen and fed on by the GPU without the
-        host: within max_new_tokens, no logprobs asked for (greedy or sampled, penalties and the end-of-text mask
-        all run on the device)."""
+        host: within max_new_tokens (greedy or sampled, penalties, the end-of-text mask and logprobs all run on the
+        device)."""
         n, p = len(seq.generated) + ahead, seq.params
-        return not p.logprobs and n < p.max_new_tokens and not seq.cancelled and not seq.finish_reason
+        return n < p.max_new_tokens and not seq.cancelled and not seq.finish_reason
+
+    def _logprobs_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> LogprobFetch | None:
+        """For a pipelined step whose rows (some) ask for logprobs: those of the tokens just chosen on the device
+        under the step's logits [n, V], read back behind the next step like the tokens; None when no row asks."""
+        k = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
+        return None if k < 0 else self.runner.next_logprobs(logits, len(seqs), k)
 
     def _device_rows(self, seqs: list[Sequence]) -> RowSampling | None:
         """The sampling of a batch about to be pipelined (batch rows 0..n-1), None when every row is plain greedy
@@ -329,7 +336,7 @@ class Scheduler:
     def _step_pipelined(self) -> list[Output]:
         """Launch the next step if the batch is unchanged (its tokens chosen on the device), then read back and
         accept the pending one."""
-        seqs, fetch = self._pending
+        seqs, fetch, lp_fetch = self._pending
         self._pending = None
         with self._lock:
             expired = self._expire()
@@ -344,14 +351,19 @@ class Scheduler:
                 if self._rows is not None:
                     self._rows.step += 1
                     self._choose_on_device(logits)
-                self._pending = (seqs, self.runner.next_tokens(len(seqs)))
+                self._pending = (seqs, self.runner.next_tokens(len(seqs)), self._logprobs_on_device(seqs, logits))
             tokens = fetch.wait()
+            lp, top_v, top_i = lp_fetch.wait() if lp_fetch is not None else (None, None, None)
         except Exception as e:  # noqa: BLE001
             self._pending = None
             return expired + _failed([s for s in seqs if not (s.cancelled or s.finish_reason)], e)
         out = expired
-        for s, tok in zip(seqs, tokens):
-            if not (s.cancelled or s.finish_reason):
+        for i, (s, tok) in enumerate(zip(seqs, tokens)):
+            if s.cancelled or s.finish_reason:
+                continue
+            if s.params.logprobs:
+                out.append((s, accept(s, tok, self.eos_id, lp[i], top_i[i], top_v[i])))
+            else:
                 out.append((s, accept(s, tok, self.eos_id, None)))
         return out
 
@@ -363,9 +375,7 @@ class Scheduler:
             # Logprobs describe the model's own distribution: before penalties and masks.
             k = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
             if k >= 0:
-                logp = torch.log_softmax(logits, -1)  # [n, V]
-                lp = logp.gather(1, toks[:, None])[:, 0].tolist()
-                top_v, top_i = (x.tolist() for x in torch.topk(logp, k, -1)) if k else ([[]] * len(seqs), [[]] * len(seqs))
+                lp, top_v, top_i = (x.tolist() for x in logprobs(logits, toks, k))
             toks = toks.tolist()
         except Exception as e:  # noqa: BLE001 - the rows of this choice fail; others go on
             return _failed(seqs, e)

@@ -222,3 +222,53 @@ def test_sampled_streams_run_ahead_on_the_gpu_with_the_host_paths_tokens(engine,
             ties.append(tie)
     record("sampled_pipelined", streams=len(jobs), identical_to_host_path=same, near_ties=ties,
            pipelined_steps=len(calls))
+
+
+def test_logprobs_streams_run_ahead_with_the_host_paths_logprobs(engine, monkeypatch):
+    """Streams that ask for logprobs (greedy with 5 alternatives, sampled with none) beside plain greedy ones are
+    pipelined: their log-probabilities are computed on the GPU from each step's logits and read back behind the
+    next step. Against the host path (every step read back first, the same sampling.logprobs): the same tokens and
+    log-probabilities up to fp16 noise between batch shapes, greedy tokens transformers' own."""
+    from service.engine.scheduler import Scheduler
+
+    async def details(prompt, params):
+        chunks = [c async for c, _ in engine.generate(prompt, params)]
+        return (tokens(chunks), [x for c in chunks for x in c.logprobs], [x for c in chunks for x in c.top_ids])
+
+    def together(jobs):
+        async def main():
+            return await asyncio.gather(*(details(p, q) for p, q in jobs))
+
+        return run(main())
+
+    runner = engine.runner
+    calls = []
+    orig = runner.decode_again
+    monkeypatch.setattr(runner, "decode_again", lambda n, p: calls.append(n) or orig(n, p))
+    jobs = [(prompt_ids(400, seed=800), GenerationParams(max_new_tokens=40, min_new_tokens=40, logprobs=True,
+                                                         top_logprobs=5)),
+            (prompt_ids(200, seed=801), GenerationParams(max_new_tokens=40, min_new_tokens=40, logprobs=True,
+                                                         sampling=SamplingParams(temperature=0.8, top_p=0.95, seed=3))),
+            (prompt_ids(90, seed=802), _params(GREEDY, 40)), (prompt_ids(700, seed=803), _params(GREEDY, 40))]
+    piped = together(jobs)
+    assert calls, "no step with logprobs rows ran ahead of the host"
+    monkeypatch.setattr(Scheduler, "_on_device", staticmethod(lambda seq, ahead: False))
+    host = together(jobs)
+    worst = 0.0
+    for (p, q), (a, lp_a, top_a), (b, lp_b, top_b) in zip(jobs, piped, host):
+        assert len(a) == len(b) == q.max_new_tokens
+        if q.sampling.greedy:
+            _check(engine, p, a, q, "pipelined")
+        n = first_divergence(a, b)
+        n = len(a) if n is None else n
+        assert n >= 8, f"pipelined and host path differ at token {n}"
+        if q.logprobs:
+            assert len(lp_a) == len(a) and len(lp_b) == len(b)
+            worst = max(worst, max(abs(x - y) for x, y in zip(lp_a[:n], lp_b[:n])))
+            if q.top_logprobs:
+                assert all(t[0] == g for t, g in zip(top_a, a))  # greedy picks the top token
+                assert sum(x[:3] == y[:3] for x, y in zip(top_a[:n], top_b[:n])) >= n - 2  # near-ties may swap
+        else:
+            assert not lp_a and not lp_b
+    record("logprobs_pipelined", pipelined_steps=len(calls), max_abs_logprob_diff_vs_host=worst)
+    assert worst <= 0.05  # fp16 logits of two batch shapes; a logprob of the wrong step or token is off by whole units

@@ -79,6 +79,21 @@ def test_incremental_decoder_with_prompt_prefix(tok):
     assert out == tok.decode(prompt + cont)[len(tok.decode(prompt)):]
 
 
+def test_incremental_decoder_on_the_rust_decode_equals_transformers_decode(tok):
+    """The decoder calls the fast tokenizer's own decode; transformers' decode (what it called before) must give
+    the same pieces: random ids over the whole vocabulary, special tokens included, with and without skipping."""
+    import random
+
+    rng = random.Random(0)
+    ids = [rng.randrange(len(tok)) for _ in range(2000)] + [tok.eos_token_id, 30, tok.eos_token_id]
+    for skip in (False, True):
+        rust, slow = IncrementalDecoder(tok, ids[:5], skip), IncrementalDecoder(tok, ids[:5], skip)
+        slow._rust = None
+        assert rust._rust is not None
+        assert [rust.push(i) for i in ids] == [slow.push(i) for i in ids]
+        assert rust.flush() == slow.flush()
+
+
 def test_stop_matcher_holds_back_possible_prefix():
     m = StopMatcher(("다.",))
     assert m.feed("맑") == ("맑", False)

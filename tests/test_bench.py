@@ -58,7 +58,7 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
     assert s["score_pairs"]["mean_batch_pairs"] > 1
     for k in ("raw_forward", "hflm", "generate", "traffic"):
         assert k in b
-    assert set(b["traffic"]) == set(s["traffic"]) == {"sampled 4", "greedy 4", "mixed 4"}
+    assert set(b["traffic"]) == set(s["traffic"]) == {"sampled 4", "greedy 4", "logprobs 4", "mixed 4"}
     for name, g in b["traffic"].items():  # transformers on the real-traffic rows' own requests
         assert g["streams"] == 4 and g["batches"] == (2 if name.startswith("mixed") else 1), name
         assert g["tokens"] == s["traffic"][name]["tokens"] and g["tokens_per_s"] > 0, name  # the tokens asked for
@@ -66,6 +66,7 @@ def test_bench_quick_runs_and_reports(tmp_path, tiny_dir):
     assert r["check"]["checked_streams"] >= 4 and not r["check"]["problems"]  # the run checked its own outputs
     for name, g in s["traffic"].items():  # sampled and greedy streams of mixed prompt lengths
         assert g["completed"] == g["streams"] == 4 and not g["errors"] and g["short_streams"] == 0, name
+        assert g["logprobs"] == (g["tokens"] if name.startswith("logprobs") else 0), name  # one per token asked
     beside = s["beside"]  # Score flood and sampled streams at once
     assert beside["score"]["completed"] == 48 and beside["streams"]["completed"] == 4
     assert beside["streams"]["tokens"] == 4 * 16 and beside["score_vs_solo"] > 0

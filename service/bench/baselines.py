@@ -100,7 +100,8 @@ def baseline_generate(lm, w: Workloads, cfg: BenchConfig) -> dict:
 def baseline_traffic(lm, requests: list, seed: int = 0) -> dict:
     """transformers `model.generate` on a real-traffic row's own requests (workloads.traffic_rows: their prompts,
     lengths and sampling): the requests of one sampling setting as one left-padded batch that runs to the longest
-    output any of them asks, as a client of `generate` would send them. tokens: the ones the requests asked for."""
+    output any of them asks, as a client of `generate` would send them; requests that ask for logprobs get
+    `generate`'s scores too (output_scores). tokens: the ones the requests asked for."""
     pad = lm.tokenizer.pad_token_id or 0
     groups: dict = {}
     for r in requests:
@@ -119,6 +120,8 @@ def baseline_traffic(lm, requests: list, seed: int = 0) -> dict:
         kw = dict(pad_token_id=pad, do_sample=temperature > 0)
         if temperature > 0:
             kw.update(temperature=temperature, top_p=top_p)
+        if any(r.parameters.logprobs for r in reqs):
+            kw.update(output_scores=True, return_dict_in_generate=True)
         lm.model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
         torch.manual_seed(seed)
         sync()
@@ -126,6 +129,9 @@ def baseline_traffic(lm, requests: list, seed: int = 0) -> dict:
         out = lm.model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **kw)
         sync()
         dt += time.perf_counter() - t
+        if kw.get("return_dict_in_generate"):
+            assert len(out.scores) == new
+            out = out.sequences
         assert out.shape[1] - width == new, (out.shape, width, new)
         tokens += sum(r.parameters.max_new_tokens for r in reqs)
     return {"streams": len(requests), "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt,

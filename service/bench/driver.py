@@ -61,6 +61,7 @@ class _Streams:
 
     def __init__(self):
         self.ttft, self.itl, self.lat, self.errors, self.tokens, self.outputs = [], [], [], {}, 0, []
+        self.logprobs = 0  # log-probabilities received (streams that asked for them: one per token)
 
     async def one(self, stub, req, timeout_s: float) -> None:
         import grpc
@@ -79,6 +80,7 @@ class _Streams:
                     self.itl.extend([(now - last) / new] * new)
                 last, n = now, m.generated_tokens
                 ids += m.token_ids
+                self.logprobs += len(m.details.logprobs)
             self.lat.append(time.perf_counter() - t)
             self.outputs.append((req, ids))
         except grpc.aio.AioRpcError as e:
@@ -87,7 +89,7 @@ class _Streams:
 
     def report(self, n: int, seconds: float) -> dict:
         return {"streams": n, "completed": len(self.lat), "errors": self.errors, "seconds": seconds,
-                "tokens": self.tokens, "tokens_per_s": self.tokens / seconds,
+                "tokens": self.tokens, "logprobs": self.logprobs, "tokens_per_s": self.tokens / seconds,
                 "tokens_per_s_per_stream": self.tokens / seconds / n, "ttft_s": percentiles(self.ttft),
                 "itl_s": percentiles(self.itl), "latency_s": percentiles(self.lat)}
 

@@ -37,6 +37,7 @@ def table(r: dict) -> str:
     for name, g in traffic.items():
         base = b.get("traffic", {}).get(name)
         shapes = ("prompts 50–1,500, 16–512 new, half sampled" if name.startswith("mixed") else
+                  "sampled, prompts 100–1,000, 256 new, logprobs + 5 alternatives" if name.startswith("logprobs") else
                   "prompts 100–1,000, 256 new")
         rows.append((f"Generate, {name} streams, {shapes} (tokens/s)", g["tokens_per_s"],
                      f"`generate`, same requests ({base['batches']} batch{'es' if base['batches'] > 1 else ''})"

@@ -159,10 +159,11 @@ def make_workloads(tokenizer, cfg: BenchConfig, seed: int = 1) -> Workloads:
     )
 
 
-def traffic_requests(pb, tokenizer, w: Workloads, n: int, sampled: bool, cfg: BenchConfig, seed: int = 5) -> list:
+def traffic_requests(pb, tokenizer, w: Workloads, n: int, sampled: bool, cfg: BenchConfig, seed: int = 5,
+                     top_logprobs: int | None = None) -> list:
     """n streams as clients send them: prompts of 100-1,000 tokens drawn per request (scaled down in --quick), 256
     new tokens (ignore_eos, so every stream runs to its length), greedy or sampled with temperature 0.8 and top_p
-    0.95, each with its own seed."""
+    0.95, each with its own seed; top_logprobs: each token's log-probability and that many alternatives asked."""
     from ..engine.text import encode
 
     rng = random.Random(seed)
@@ -175,6 +176,8 @@ def traffic_requests(pb, tokenizer, w: Workloads, n: int, sampled: bool, cfg: Be
         p = pb.GenerationParameters(max_new_tokens=new, min_new_tokens=new, ignore_eos=True)
         if sampled:
             p.temperature, p.top_p, p.seed = 0.8, 0.95, 1000 + i
+        if top_logprobs is not None:
+            p.logprobs, p.top_logprobs = True, top_logprobs
         out.append(pb.GenerateRequest(token_ids=corpus[start : start + k], parameters=p))
     return out
 
@@ -207,10 +210,12 @@ def mixed_requests(pb, tokenizer, n: int, cfg: BenchConfig, seed: int = 7) -> li
 
 def traffic_rows(pb, tokenizer, w: Workloads, cfg: BenchConfig) -> dict[str, list]:
     """The real-traffic rows by name, each a list of requests started at once: sampled and greedy (prompts 100-1,000,
-    256 new) and the mixed one (mixed_requests); the service and the transformers baseline run the same ones."""
+    256 new), the sampled ones again asking each token's logprobs and 5 alternatives, and the mixed one
+    (mixed_requests); the service and the transformers baseline run the same ones."""
     n = cfg.traffic_streams
     return {f"sampled {n}": traffic_requests(pb, tokenizer, w, n, True, cfg),
             f"greedy {n}": traffic_requests(pb, tokenizer, w, n, False, cfg),
+            f"logprobs {n}": traffic_requests(pb, tokenizer, w, n, True, cfg, top_logprobs=5),
             f"mixed {n}": mixed_requests(pb, tokenizer, n, cfg)}
 
 

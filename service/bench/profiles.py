@@ -112,9 +112,7 @@ def gemm4bit_loop(how, K: int = 4096, capability: int = 90) -> dict:
     sig = {"x_ptr": "*fp16", "codes_ptr": "*i32" if how.words else "*u8", "absmax_ptr": "*fp32", "table_ptr": "*fp32",
            "bias_ptr": "*fp16", "out_ptr": "*fp16" if final else "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_om": "i32", "stride_os": "i32"}
-    consts = {"BLOCK_M": how.block_m, "BLOCK_N": how.block_n, "BLOCK_K": how.block_k, "K_SPLIT": K // how.split,
-              "SCALE_AFTER": how.scale_after, "HAS_BIAS": True, "FINAL": final, "QBLOCK": gemm4bit.BLOCK,
-              "PREFETCH": how.prefetch, "WORDS": how.words, "REG_TABLE": how.reg_table}
+    consts = gemm4bit.constants(how, K, has_bias=True)
     sig.update({c: "constexpr" for c in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 7, 8, 9, 10)}  # pointers, sizes, strides
     k = triton.compile(ASTSource(fn=gemm4bit._gemm_4bit_kernel, signature=sig, constexprs=consts, attrs=aligned),

@@ -245,7 +245,8 @@ def tune(weights: list[Packed4bit], max_rows: int, dtype: torch.dtype = torch.fl
                     continue
                 if best is None or us < best[0]:
                     best = (us, how)
-            chosen[(N, K, bm, dev.index or 0)] = best[1]
+            if best is not None:  # else launch() keeps its untuned choice for this shape and height
+                chosen[(N, K, bm, dev.index or 0)] = best[1]
     _tuned.update(chosen)
     return chosen
 
@@ -254,6 +255,13 @@ def packed_weights(linears) -> dict[torch.nn.Module, Packed4bit]:
     """The kernel's form of each (module, QuantState) of `linears` that it can read (no copy of the codes)."""
     found = {m: pack(m.weight.data, st) for m, st in linears}
     return {m: p for m, p in found.items() if p is not None}
+
+
+def constants(how: Launch, K: int, has_bias: bool) -> dict:
+    """The kernel's compile-time arguments for this launch and input width (matmul's, and the bench's PTX reading)."""
+    return {"BLOCK_M": how.block_m, "BLOCK_N": how.block_n, "BLOCK_K": how.block_k, "K_SPLIT": K // how.split,
+            "SCALE_AFTER": how.scale_after, "HAS_BIAS": has_bias, "FINAL": how.split == 1, "QBLOCK": BLOCK,
+            "PREFETCH": how.prefetch, "WORDS": how.words, "REG_TABLE": how.reg_table}
 
 
 def matmul(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None, how: Launch | None = None) -> torch.Tensor:
@@ -273,10 +281,8 @@ def matmul(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None, how
                       device=x.device)  # [M, N] or [S, M, N]
     codes = w.codes.view(torch.int32) if how.words else w.codes  # [N, K/8] words or [N, K/2] bytes
     _gemm_4bit_kernel[grid](x2, codes, w.absmax, w.table, bias if bias is not None else w.absmax, out, M, N, K,
-                            x2.stride(0), out.stride(-2), out.stride(0), BLOCK_M=how.block_m, BLOCK_N=how.block_n,
-                            BLOCK_K=how.block_k, K_SPLIT=K // how.split, SCALE_AFTER=how.scale_after,
-                            HAS_BIAS=bias is not None, FINAL=final, QBLOCK=BLOCK, PREFETCH=how.prefetch, WORDS=how.words,
-                            REG_TABLE=how.reg_table, num_warps=how.warps, num_stages=how.stages)
+                            x2.stride(0), out.stride(-2), out.stride(0), **constants(how, K, bias is not None),
+                            num_warps=how.warps, num_stages=how.stages)
     if not final:
         out = out.sum(0).to(x.dtype)  # [M, N]
         if bias is not None:

@@ -563,19 +563,20 @@ class NeoxRunner(NeoxForward):
             self._no_eos[: len(rows)] = torch.tensor(rows)
             self._no_eos_host = list(rows)
 
-    def next_tokens(self, n: int) -> "TokenFetch":
-        """The argmax tokens [n] the last step left for the next one, copied to the host without blocking.
-        Two pinned buffers in turn: a fetch is always waited on before the one after next is made."""
+    def next_tokens(self, n: int) -> "HostFetch":
+        """The argmax tokens [n] the last step left for the next one, copied to the host without blocking (wait()
+        gives [tokens]). Two pinned buffers in turn: a fetch is always waited on before the one after next is made."""
         pinned = None
         if self._tok.is_cuda:
             self._fetch_bufs.reverse()
-            pinned = self._fetch_bufs[0]
-        return TokenFetch(self._tok[:n], pinned)
+            pinned = [self._fetch_bufs[0][:n]]
+        return HostFetch([self._tok[:n]], pinned)
 
-    def next_logprobs(self, logits: torch.Tensor, n: int, k: int) -> "LogprobFetch":
+    def next_logprobs(self, logits: torch.Tensor, n: int, k: int) -> "HostFetch":
         """Log-probabilities under logits [n, V] of the tokens the last step left for the next one (the argmax, or
         what feed() put there), and of the k most likely (engine/sampling.py's logprobs), copied to the host
-        without blocking, like next_tokens (two pinned buffer sets in turn)."""
+        without blocking, like next_tokens (two pinned buffer sets in turn): wait() gives [logprobs [n], top
+        values [n][k], top ids [n][k]]."""
         lp, top_v, top_i = logprobs(logits[:n], self._tok[:n], k)
         pinned = None
         if self._tok.is_cuda:
@@ -584,8 +585,9 @@ class NeoxRunner(NeoxForward):
                 self._logprob_bufs = [(torch.empty(m, pin_memory=True), torch.empty(m, dtype=torch.long, pin_memory=True))
                                       for _ in range(2)]
             self._logprob_bufs.reverse()
-            pinned = self._logprob_bufs[0]
-        return LogprobFetch(lp, top_v, top_i, pinned)
+            values, ids = self._logprob_bufs[0]  # flat: logprobs in [0, n), the top values after them
+            pinned = [values[:n], values[n : n + n * k].view(n, k), ids[: n * k].view(n, k)]
+        return HostFetch([lp, top_v, top_i], pinned)
 
     def _step(self, n: int, max_position: int) -> torch.Tensor:
         B = self._batch(n)
@@ -661,48 +663,23 @@ class NeoxRunner(NeoxForward):
         return sorted(self._graphs)
 
 
-class LogprobFetch:
-    """A device-to-host copy in flight of n chosen tokens' log-probabilities [n] and their k best alternatives'
-    (values and ids, [n, k]): wait() returns them as lists once the GPU has produced them."""
+class HostFetch:
+    """Device-to-host copies in flight of a few small tensors, each into its pinned view (pinned None: read at once,
+    as on the CPU): wait() returns them as lists once the GPU has produced them."""
 
-    def __init__(self, lp: torch.Tensor, top_v: torch.Tensor, top_i: torch.Tensor,
-                 pinned: tuple[torch.Tensor, torch.Tensor] | None):
-        self._shape = top_v.shape
+    def __init__(self, tensors: list[torch.Tensor], pinned: list[torch.Tensor] | None):
         if pinned is None:
-            self._ready = (lp.tolist(), top_v.tolist(), top_i.tolist())
+            self._ready = [t.tolist() for t in tensors]
             return
         self._ready = None
-        n, k = top_v.shape
-        values, ids = pinned  # flat: lp in [0, n), the top values after it; a contiguous slice each
-        self._lp, self._v, self._i = values[:n], values[n : n + n * k].view(n, k), ids[: n * k].view(n, k)
-        self._lp.copy_(lp, non_blocking=True)
-        self._v.copy_(top_v, non_blocking=True)
-        self._i.copy_(top_i, non_blocking=True)
+        self._bufs = pinned
+        for buf, t in zip(pinned, tensors):
+            buf.copy_(t, non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
 
-    def wait(self) -> tuple[list[float], list[list[float]], list[list[int]]]:
+    def wait(self) -> list[list]:
         if self._ready is None:
             self._event.synchronize()
-            self._ready = (self._lp.tolist(), self._v.tolist(), self._i.tolist())
-        return self._ready
-
-
-class TokenFetch:
-    """A device-to-host copy of a few token ids in flight: wait() returns them once the GPU has produced them."""
-
-    def __init__(self, tokens: torch.Tensor, pinned: torch.Tensor | None):
-        if pinned is None:
-            self._ready = tokens.tolist()
-            return
-        self._ready = None
-        self._buf = pinned[: tokens.numel()]
-        self._buf.copy_(tokens, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
-
-    def wait(self) -> list[int]:
-        if self._ready is None:
-            self._event.synchronize()
-            self._ready = self._buf.tolist()
+            self._ready = [b.tolist() for b in self._bufs]
         return self._ready

@@ -13,7 +13,7 @@ from .drain import DrainRate
 from .errors import QueueFull
 from .generation import Chunk, Sequence, accept
 from .kvspace import Backfill, KVSpace
-from .neox import LogprobFetch, NeoxRunner, TokenFetch
+from .neox import HostFetch, NeoxRunner
 from .sampling import RowSampling, logprobs, sample
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # running[i] is batch row i
         self.kv = KVSpace(runner.kv_tokens)
         # a launched step not yet read back: its sequences, their tokens, and their logprobs where any asks
-        self._pending: tuple[list[Sequence], TokenFetch, LogprobFetch | None] | None = None
+        self._pending: tuple[list[Sequence], HostFetch, HostFetch | None] | None = None
         self._rows: RowSampling | None = None  # the pipelined batch's sampling, when any row is not plain greedy
         self._lock = threading.Lock()
         self.drain = DrainRate()
@@ -297,7 +297,7 @@ class Scheduler:
         n, p = len(seq.generated) + ahead, seq.params
         return n < p.max_new_tokens and not seq.cancelled and not seq.finish_reason
 
-    def _logprobs_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> LogprobFetch | None:
+    def _logprobs_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> HostFetch | None:
         """For a pipelined step whose rows (some) ask for logprobs: those of the tokens just chosen on the device
         under the step's logits [n, V], read back behind the next step like the tokens; None when no row asks."""
         k = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
@@ -352,7 +352,7 @@ class Scheduler:
                     self._rows.step += 1
                     self._choose_on_device(logits)
                 self._pending = (seqs, self.runner.next_tokens(len(seqs)), self._logprobs_on_device(seqs, logits))
-            tokens = fetch.wait()
+            (tokens,) = fetch.wait()
             lp, top_v, top_i = lp_fetch.wait() if lp_fetch is not None else (None, None, None)
         except Exception as e:  # noqa: BLE001
             self._pending = None

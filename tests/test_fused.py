@@ -56,12 +56,16 @@ CHECK = textwrap.dedent("""
         base, pos = torch.arange(B) * L + 7, torch.tensor([90, 3, 40][:B])
         K, V = cache.gather(0, base[:, None] + torch.arange(L)[None])  # [H, B, L, hd]
         mask = (torch.arange(L)[None] <= pos[:, None])[:, None, None]
-        ref = F.scaled_dot_product_attention(q, K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask)
+        # The tensor-core kernel's first product is int8 on int8: the query rounded as the cache rounds a key.
         kc, vc, ks, vs = cache.kernel_args(0)
-        for dot in (False, True):
+        for dot, query in ((False, q), (True, fused.int8_rounded_query(q))):
+            ref = F.scaled_dot_product_attention(query, K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask)
             got = fused.decode_attention(q, kc, vc, base, pos, L, splits=splits, block_t=block, kscale=ks, vscale=vs,
                                          dot=dot)
             assert (got - ref).abs().max().item() < 1e-5, ("int8", B, splits, block, dot)
+        # ... which moves it as little as the cache's own rounding does (a query without its scale would not).
+        exact = F.scaled_dot_product_attention(q, K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask)
+        assert 1e-6 < ((got - exact).norm() / exact.norm()).item() < 2e-2
 
     prompts = [[5, 17, 99, 3, 250], [42, 7]]
     bases = [64, 0]  # row 0's cache range after row 1's

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decode-prompt", type=int, default=32, help="--profile-decode: tokens in each row's cache")
     ap.add_argument("--attention-sweep", action="store_true",
                     help="GPU: the fused decode attention alone at the real-traffic shape, over its launch settings")
+    ap.add_argument("--attention-kv", default="float16,int8",
+                    help="--attention-sweep: the KV-cache dtypes to sweep, comma-separated")
     ap.add_argument("--engine-traffic", action="store_true",
                     help="the real-traffic rows in-process on the Engine (no Ray, no gRPC), with step times and a "
                          "cProfile of the model thread")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile_prefill:
         return profile_prefill(gpu_model(args.model), Path(args.out))
     if args.attention_sweep:
-        return attention_sweep(Path(args.out))
+        return attention_sweep(Path(args.out), kv_dtypes=tuple(args.attention_kv.split(",")))
     if args.engine_traffic:
         if args.quick:
             from ..engine.tiny import ensure

@@ -262,12 +262,14 @@ def profile_prefill(model: str, out: Path, budgets=(1024, 2048, 4096), steps: in
     return res
 
 
-def attention_sweep(out: Path, heads: int = 16, head_dim: int = 256, iters: int = 30) -> dict:
+def attention_sweep(out: Path, heads: int = 16, head_dim: int = 256, iters: int = 30,
+                    kv_dtypes: tuple[str, ...] = ("float16", "int8")) -> dict:
     """The fused decode attention alone (engine/fused.py) at serving shapes: rows x key counts drawn per row
     (1 to 128 rows; the real-traffic 100-1,256 keys in the 2,048-position bucket, 100-1,000 in the 1,024 one), for
     split counts, key blocks and warp counts: microseconds per layer and the bandwidth its key and
     value reads reach (what the kernel is bound by). Each case also times the launch settings the engine picks.
-    Every case runs over a float16 cache and an int8 one (generation.kv_cache_dtype; its scales read counted)."""
+    Every case runs over a float16 cache and an int8 one (generation.kv_cache_dtype; its scales read counted), or
+    those of kv_dtypes."""
     from ..engine import fused
     from ..engine.kvcache import quantize
 
@@ -278,7 +280,7 @@ def attention_sweep(out: Path, heads: int = 16, head_dim: int = 256, iters: int 
     res: dict = {"device": torch.cuda.get_device_name(0), "cases": []}
     kc, vc = (torch.randn(heads, 128 * window, head_dim, dtype=torch.float16, device=dev) for _ in range(2))
     (k8, ks), (v8, vs) = quantize(kc), quantize(vc)
-    caches = {"float16": (kc, vc, None, None), "int8": (k8, v8, ks, vs)}
+    caches = {kv: c for kv, c in (("float16", (kc, vc, None, None)), ("int8", (k8, v8, ks, vs))) if kv in kv_dtypes}
 
     def timed(*args, **kw) -> float:
         return graph_us(lambda: fused.decode_attention(*args, **kw), iters)
@@ -295,15 +297,16 @@ def attention_sweep(out: Path, heads: int = 16, head_dim: int = 256, iters: int 
             scales = {"kscale": ks, "vscale": vs}
             case = {"kv": kv, "rows": rows, "keys": [lo, hi], "tmax": tmax, "runs": []}
             # CUDA cores: the settings swept before; tensor cores: fewer (each is its own compile).
-            grid = [*itertools.product([False], (1, 2, 4, 8, 16), (64, 128), (2, 4)),
-                    *itertools.product([True], (1, 2, 4, 8), (32, 64), (4, 8))]
-            for dot, splits, block_t, warps in grid:
+            # Stages (Triton's software pipelining depth, None = its default): fewer buffers, more programs per SM.
+            grid = [*itertools.product([False], (1, 2, 4, 8, 16), (64, 128), (2, 4), [None]),
+                    *itertools.product([True], (1, 2, 4, 8), (32, 64), (4, 8), (None, 2))]
+            for dot, splits, block_t, warps, stages in grid:
                 us = timed(q, kc, vc, start, pos, tmax, splits=splits, block_t=block_t, num_warps=warps, dot=dot,
-                           **scales)
-                case["runs"].append({"dot": dot, "splits": splits, "block_t": block_t, "warps": warps, "us": us,
-                                     "tb_per_s": read / us / 1e6})
+                           num_stages=stages, **scales)
+                case["runs"].append({"dot": dot, "splits": splits, "block_t": block_t, "warps": warps,
+                                     "stages": stages, "us": us, "tb_per_s": read / us / 1e6})
             us = timed(q, kc, vc, start, pos, tmax, **scales)
-            splits, block_t, warps, dot = fused.attention_launch(rows * heads, tmax, dev, int8=ks is not None)
+            splits, block_t, warps, dot = fused.attention_launch(rows * heads, tmax, dev)
             case["engine_default"] = {"dot": dot, "splits": splits, "block_t": block_t, "warps": warps, "us": us,
                                       "tb_per_s": read / us / 1e6}
             case["best_cuda_cores"] = min((r for r in case["runs"] if not r["dot"]), key=lambda r: r["us"])

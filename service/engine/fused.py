@@ -98,17 +98,36 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _int8_to_float16(x):
+        """int8 -> float16 without the conversion unit: four bytes per 32-bit register each become the low byte of
+        1024's float16 (0x64xx = 1024 + byte, the byte offset by 128 to make it unsigned) by two byte permutes, then
+        1152 is subtracted from two halves at a time. A plain conversion is a quarter-rate instruction per value, and
+        Triton moved it past the shared-memory load, which then read the tile a byte at a time. Not pure, so that
+        Triton keeps it where it is written (on the tile as loaded, before it is laid out for the tensor cores)."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, c;
+            xor.b32 t, $2, 0x80808080;
+            mov.b32 c, 0x64806480;
+            prmt.b32 $0, t, 0x64646464, 0x4140;
+            prmt.b32 $1, t, 0x64646464, 0x4342;
+            sub.f16x2 $0, $0, c;
+            sub.f16x2 $1, $1, c;
+            }""",
+            constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=False, pack=4)
+
+    @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, start_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale,
                                  stride_kh, stride_kt, stride_sh,
                                  H: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 SPLITS: tl.constexpr, CHUNK: tl.constexpr, EXACT_BOUND: tl.constexpr,
+                                 SPLITS: tl.constexpr, CHUNK: tl.constexpr, COMPILED: tl.constexpr,
                                  QUANT: tl.constexpr):
         """Program (b, h, s): softmax(q . K * scale) @ V over keys [s*CHUNK, (s+1)*CHUNK) ∩ [0, pos] of row b,
         head h (its keys start at start[b] in the cache), with an online softmax over blocks of BLOCK_T keys (fp32
         throughout). One split: the normalized output to o_ptr [B, H, HD]. Several: the unnormalized sum to
         o_ptr [B, H, SPLITS, HD] and its running max and denominator to m_ptr, l_ptr [B, H, SPLITS], for
-        _combine_kernel. The loop stops after the block holding pos; where the bound cannot be a runtime value
-        (Triton's CPU interpreter) it covers CHUNK keys, the rest masked. QUANT: keys and values are int8 with one
+        _combine_kernel. The loop stops after the block holding pos; not COMPILED (Triton's CPU interpreter, where the
+        bound cannot be a runtime value) it covers CHUNK keys, the rest masked. QUANT: keys and values are int8 with one
         scale per key at ks_ptr/vs_ptr [h, start[b] + t]; the scales multiply the scores and the softmax weights,
         not the [BLOCK_T, HD] blocks."""
         b = tl.program_id(0)
@@ -125,7 +144,7 @@ if triton is not None:
         m_i = tl.full((), float("-inf"), tl.float32)
         l_i = tl.full((), 0.0, tl.float32)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for i0 in range(0, hi - lo if EXACT_BOUND else CHUNK, BLOCK_T):
+        for i0 in range(0, hi - lo if COMPILED else CHUNK, BLOCK_T):
             t = lo + i0 + tl.arange(0, BLOCK_T)
             tm = t < hi
             off = base + t[:, None] * stride_kt + d[None, :]  # [BT, BD]
@@ -158,14 +177,16 @@ if triton is not None:
     def _decode_attention_dot_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, start_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
                                      scale, stride_kh, stride_kt, stride_sh,
                                      H: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                                     SPLITS: tl.constexpr, CHUNK: tl.constexpr, EXACT_BOUND: tl.constexpr,
+                                     SPLITS: tl.constexpr, CHUNK: tl.constexpr, COMPILED: tl.constexpr,
                                      QUANT: tl.constexpr):
         """_decode_attention_kernel's work and outputs with both products on tensor cores (tl.dot): the query is
         row 0 of a [16, BLOCK_D] tile whose other rows are zero (tl.dot's smallest M), so each block of keys costs
         two small matrix products instead of the [BLOCK_T, BLOCK_D] multiply-and-reduce on the CUDA cores that
-        bounds the other kernel. Keys and values go to the tensor cores in the query's dtype (int8 converted, which
-        made it slower than the CUDA-core kernel for an int8 cache on an H200); the softmax weights are rounded to
-        that dtype too, as flash attention does."""
+        bounds the other kernel. The softmax weights are rounded to the query's dtype for the second product, as
+        flash attention does. QUANT (int8 cache): the first product is int8 on int8 (the query rounded to int8 with
+        its own scale, max|q| / 127, as the cache rounds each key), so keys are never converted; values become
+        float16 by _int8_to_float16. Converting both tiles in the plain way had made this kernel slower than the
+        CUDA-core one for an int8 cache (H200, 2026-12-02)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -173,7 +194,14 @@ if triton is not None:
         dm = d < HD
         r = tl.arange(0, 16)
         q = tl.load(q_ptr + (b * H + h) * HD + d, mask=dm, other=0.0)  # [BD]
-        qt = tl.where(r[:, None] == 0, q[None, :].to(tl.float32) * scale, 0.0).to(q.dtype)  # [16, BD]
+        qs = q.to(tl.float32) * scale  # [BD]
+        if QUANT:
+            q_sc = tl.maximum(tl.max(tl.abs(qs), axis=0), 1e-30) / 127.0
+            q8 = tl.minimum(tl.maximum(tl.floor(qs / q_sc + 0.5), -127.0), 127.0)  # [BD] integers
+            qt = tl.where(r[:, None] == 0, q8[None, :], 0.0).to(tl.int8)  # [16, BD]
+        else:
+            q_sc = 1.0
+            qt = tl.where(r[:, None] == 0, qs[None, :], 0.0).to(q.dtype)  # [16, BD]
         lo = sp * CHUNK
         hi = tl.minimum(tl.load(pos_ptr + b) + 1, lo + CHUNK)
         start = tl.load(start_ptr + b)
@@ -182,14 +210,16 @@ if triton is not None:
         m_i = tl.full((16,), float("-inf"), tl.float32)
         l_i = tl.zeros((16,), dtype=tl.float32)
         acc = tl.zeros((16, BLOCK_D), dtype=tl.float32)
-        for i0 in range(0, hi - lo if EXACT_BOUND else CHUNK, BLOCK_T):
+        for i0 in range(0, hi - lo if COMPILED else CHUNK, BLOCK_T):
             t = lo + i0 + tl.arange(0, BLOCK_T)
             tm = t < hi
             off = base + t[:, None] * stride_kt + d[None, :]  # [BT, BD]
-            k = tl.load(k_ptr + off, mask=tm[:, None] & dm[None, :], other=0).to(q.dtype)
-            sc = tl.dot(qt, tl.trans(k))  # [16, BT] fp32
+            k = tl.load(k_ptr + off, mask=tm[:, None] & dm[None, :], other=0)
             if QUANT:
-                sc = sc * tl.load(ks_ptr + sbase + t, mask=tm, other=0.0)[None, :]
+                sc = tl.dot(qt, tl.trans(k), out_dtype=tl.int32).to(tl.float32)  # [16, BT]
+                sc = sc * (q_sc * tl.load(ks_ptr + sbase + t, mask=tm, other=0.0))[None, :]
+            else:
+                sc = tl.dot(qt, tl.trans(k))  # [16, BT] fp32
             sc = tl.where(tm[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))  # [16]
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -198,8 +228,10 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if QUANT:
                 p = p * tl.load(vs_ptr + sbase + t, mask=tm, other=0.0)[None, :]
-            v = tl.load(v_ptr + off, mask=tm[:, None] & dm[None, :], other=0).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)  # [16, BD]
+            v = tl.load(v_ptr + off, mask=tm[:, None] & dm[None, :], other=0)
+            if QUANT:
+                v = _int8_to_float16(v) if COMPILED else v.to(q.dtype)  # the interpreter runs no inline assembly
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # [16, BD]
             m_i = m_new
         # Row 0 is the query's.
         acc0 = tl.sum(tl.where(r[:, None] == 0, acc, 0.0), axis=0)  # [BD]
@@ -239,30 +271,24 @@ def multiprocessors(device: torch.device) -> int:
     return _SMS[device.index]
 
 
-def attention_launch(rows: int, tmax: int, device: torch.device, int8: bool = False) -> tuple[int, int, int, bool]:
+def attention_launch(rows: int, tmax: int, device: torch.device) -> tuple[int, int, int, bool]:
     """(splits, key block, warps, tensor cores) of the decode attention for `rows` (batch rows x heads) programs over
     at most tmax keys, from `python -m service.bench --attention-sweep` on an H200 (5.8B shape, 16 heads of 256,
-    rows of 100-1,256 keys unless said, each call timed inside a CUDA graph as the engine runs it; 2026-12-02,
-    deploy/bench/attention-sweep-tensor-core-h200.json), in microseconds per layer:
-    - float16, batch 1: the CUDA-core kernel, 16 splits of 128-key blocks, 4 warps (9.3; tensor cores 10.0);
-    - float16, more rows: the tensor-core kernel, 4 warps; below one program per multiprocessor 8 splits of 32 keys
-      (batch 8: 23.9 against 30.5), above it one split of 64-key blocks (batch 64: 158 against 187, 4.05 TB/s of
-      keys and values; 100-1,000 keys: 136.5 against 167; 128 rows: 344 against 401), of 32 keys for the 256-key
-      bucket (batch 64, 20-160 keys: 30.0 against 38.0);
-    - int8: the CUDA-core kernel (its tensor-core variant is slower: converting the int8 tiles costs more than the
-      halved bytes save), 16 splits of 128 below one program per multiprocessor (batch 8: 25.8), 4 splits of 128
-      and 2 warps above (batch 64: 172.6, so no faster than float16 on tensor cores; 256-key bucket: 64-key blocks).
+    rows of 100-1,256 keys unless said, each call timed inside a CUDA graph as the engine runs it), in microseconds
+    per layer, float16 cache (2026-12-02, deploy/bench/attention-sweep-tensor-core-h200.json) / int8 cache
+    (2026-12-04, deploy/bench/attention-sweep-int8-h200.json):
+    - batch 1: the CUDA-core kernel, 16 splits of 128-key blocks, 4 warps (9.3 / 9.3; tensor cores 10.0 / 11.8);
+    - more rows: the tensor-core kernel, 4 warps; below one program per multiprocessor 8 splits of 32 keys
+      (batch 8: 23.9 / 21.1 against 30.5 / 25.8 on CUDA cores), above it one split of 64-key blocks (batch 64:
+      158 / 129 against 187 / 172; 100-1,000 keys: 136.5 / 110 against 167 / 151; 128 rows: 344 / 257 against
+      401 / 339), of 32 keys for the 256-key bucket (batch 64, 20-160 keys: 30.0 / 26.9 against 38.0 / 37.2).
+      The best int8 settings were within 4 % of these.
     Each split keeps at least one block of keys."""
     if device.type != "cuda":
         return 1, 64, 4, False
-    few = rows < multiprocessors(device)
-    if int8:
-        if few:
-            return max(1, min(16, tmax // 128)), 128, 4, False
-        return max(1, min(4, tmax // 256)), 64 if tmax <= 256 else 128, 2, False
     if rows <= 16:
         return max(1, min(16, tmax // 128)), 128, 4, False
-    if few:
+    if rows < multiprocessors(device):
         return max(1, min(8, tmax // 32)), 32, 4, True
     return 1, 32 if tmax <= 256 else 64, 4, True
 
@@ -270,16 +296,18 @@ def attention_launch(rows: int, tmax: int, device: torch.device, int8: bool = Fa
 def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor, start: torch.Tensor,
                      pos: torch.Tensor, tmax: int, splits: int | None = None, block_t: int | None = None,
                      num_warps: int | None = None, kscale: torch.Tensor | None = None,
-                     vscale: torch.Tensor | None = None, dot: bool | None = None) -> torch.Tensor:
+                     vscale: torch.Tensor | None = None, dot: bool | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
     """q [B, H, 1, hd] of the token at position pos[b] of row b's sequence, whose keys and values sit at
     kcache/vcache [H, P, hd][:, start[b] + 0..pos[b]]; tmax bounds pos + 1. Returns [B, H, 1, hd], scaled by
     1/sqrt(hd) like SDPA's default. A row's keys are split over `splits` programs (flash-decoding) of
     `num_warps` warps, each looping over blocks of `block_t` keys, on tensor cores if `dot` (defaults:
-    attention_launch). An int8 cache comes with its scales kscale/vscale [H, P] (engine/kvcache.py)."""
+    attention_launch; num_stages: Triton's). An int8 cache comes with its scales kscale/vscale [H, P]
+    (engine/kvcache.py)."""
     B, H, _, hd = q.shape
     out = torch.empty_like(q)  # [B, H, 1, hd]
     quant = kscale is not None
-    auto = attention_launch(B * H, tmax, q.device, int8=quant)
+    auto = attention_launch(B * H, tmax, q.device)
     splits, block_t, num_warps = splits or auto[0], block_t or auto[1], num_warps or auto[2]
     dot = auto[3] if dot is None else dot
     chunk = -(-tmax // (splits * block_t)) * block_t  # keys per split, a whole number of blocks
@@ -295,12 +323,22 @@ def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor
         q.contiguous(), kcache, vcache, ks, vs, start, pos, po, ml[0], ml[1], hd ** -0.5, kcache.stride(0),
         kcache.stride(1), ks.stride(0) if quant else 0,
         H=H, HD=hd, BLOCK_D=block_d, BLOCK_T=block_t, SPLITS=splits, CHUNK=chunk,
-        EXACT_BOUND=os.environ.get("TRITON_INTERPRET") != "1", QUANT=quant, num_warps=num_warps,
+        COMPILED=os.environ.get("TRITON_INTERPRET") != "1", QUANT=quant, num_warps=num_warps,
+        **({"num_stages": num_stages} if num_stages else {}),
     )
     if splits > 1:
         _combine_kernel[(B * H,)](po, ml[0], ml[1], out, HD=hd, BLOCK_D=block_d, SPLITS=splits,
                                   BLOCK_S=triton.next_power_of_2(splits))
     return out
+
+
+def int8_rounded_query(q: torch.Tensor) -> torch.Tensor:
+    """q [..., hd] as the tensor-core kernel multiplies it by an int8 cache's keys: each vector of q / sqrt(hd)
+    rounded to int8 with its own scale (max|x| / 127, as the cache rounds a key), then back (the torch reference of
+    that kernel)."""
+    qs = q.float() * q.shape[-1] ** -0.5
+    sc = qs.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    return (torch.floor(qs / sc + 0.5).clamp(-127, 127) * sc / q.shape[-1] ** -0.5).to(q.dtype)
 
 
 def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: torch.Tensor, pos: torch.Tensor,

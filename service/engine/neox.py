@@ -490,10 +490,13 @@ class NeoxRunner(NeoxForward):
             cache.store(0, every, *(torch.randn((self.H, B * L, self.hd), generator=g).to(self.device, self.dtype)
                                     for _ in range(2)))
             K, V = cache.gather(0, keys)  # [H, B, L, hd] each: what the cache holds, dequantized
-            ref = F.scaled_dot_product_attention(q, K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask)  # [B, H, 1, hd]
+            # [B, H, 1, hd]; over an int8 cache the tensor-core kernel rounds the query to int8 too
+            ref = {dot: F.scaled_dot_product_attention(fused.int8_rounded_query(q) if dot and cache.int8 else q,
+                                                       K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask)
+                   for dot in (False, True)}
             # One program per row and head, and the keys split over two of 32 (the second row spans both).
             pairs += [(fused.decode_attention(q, kc, vc, base, pos, L, splits=n, block_t=b, kscale=ks, vscale=vs,
-                                              dot=dot), ref) for n, b in ((1, 64), (2, 32)) for dot in (False, True)]
+                                              dot=dot), ref[dot]) for n, b in ((1, 64), (2, 32)) for dot in (False, True)]
             # NaN counts as infinitely wrong (Python's max would let it through).
             err = max((a.float() - b.float()).abs().max().nan_to_num(float("inf")).item() for a, b in pairs)
             if not err <= tol:

@@ -24,23 +24,23 @@ REL_INT8 = 5e-2
 without its scales, or written at the wrong position, moves the logits by their own size."""
 
 
-def _runner(engine, fused: bool, dense: bool, kv_dtype: str = "auto"):
+def _runner(engine, fused: bool, dense: bool, kv_dtype: str = "auto", slots: int = 4):
     from service.engine.neox import NeoxRunner
 
-    return NeoxRunner(engine.lm.model, 4, engine.window, use_graphs=True, fused_decode=fused,
-                      eos_id=engine.lm.eos_token_id, kv_tokens=4 * engine.window,
+    return NeoxRunner(engine.lm.model, slots, engine.window, use_graphs=True, fused_decode=fused,
+                      eos_id=engine.lm.eos_token_id, kv_tokens=slots * engine.window,
                       dense=engine.runner.dense if dense else None, kv_dtype=kv_dtype)
 
 
-def _compare(a, b, steps: int = 24):
-    """Prefill four sequences (30-1,500 tokens, so decoding uses several length buckets) into both runners, then
+def _compare(a, b, steps: int = 24, rows: int = 4):
+    """Prefill `rows` sequences (30-1,500 tokens, so decoding uses several length buckets) into both runners, then
     decode `steps` tokens on both, fed the same tokens (a's greedy choices): per-step relative error of b's
     logits against a's, and the largest gap below a's best of b's choice."""
-    a.warm_up(4)
-    b.warm_up(4)
-    prompts = [prompt_ids(n, seed=n) for n in (30, 250, 500, 1500)]
-    bases = [i * a.max_len for i in range(4)]
-    la, lb = a.prefill_new(bases, prompts), b.prefill_new(bases, prompts)  # [4, V]
+    a.warm_up(rows)
+    b.warm_up(rows)
+    prompts = [prompt_ids(n, seed=n + i) for i in range(0, rows, 4) for n in (1500, 30, 250, 500)][:rows]
+    bases = [i * a.max_len for i in range(rows)]
+    la, lb = a.prefill_new(bases, prompts), b.prefill_new(bases, prompts)  # [rows, V]
     rel, gap = [float((lb - la).norm() / la.norm())], 0.0
     pos = [len(p) for p in prompts]
     for _ in range(steps):
@@ -146,10 +146,22 @@ def test_dequantized_decode_equals_the_4bit_kernels(engine):
 def test_int8_kv_cache_stays_near_the_float16_cache(engine):
     """generation.kv_cache_dtype int8 against the shipped float16 cache: fused kernels, CUDA graphs and dense
     weights in both, fed the same tokens."""
-    half, int8 = _runner(engine, True, True), _runner(engine, True, True, kv_dtype="int8")
-    assert int8.fused and int8.kv.int8 and int8.fused_problem() is None
-    rel, gap = _compare(half, int8)
-    record("int8_vs_float16_cache", max_rel=max(rel), mean_rel=sum(rel) / len(rel), max_choice_gap=gap)
-    assert max(rel) <= REL_INT8 and gap <= TIE_INT8
-    del half, int8
-    torch.cuda.empty_cache()
+    from service.engine import fused
+
+    seen = {}
+    # One row (16 programs) runs the CUDA-core kernel; 12 rows the tensor-core one, whose first product is int8 on
+    # int8 (the query rounded too).
+    for rows in (1, 12):
+        half = _runner(engine, True, True, slots=rows)
+        int8 = _runner(engine, True, True, kv_dtype="int8", slots=rows)
+        assert int8.fused and int8.kv.int8 and int8.fused_problem() is None
+        dot = fused.attention_launch(rows * half.H, engine.window, half.device)[3]
+        assert dot == (rows > 1)
+        rel, gap = _compare(half, int8, rows=rows)
+        seen[f"{rows}_rows"] = {"max_rel": max(rel), "mean_rel": sum(rel) / len(rel), "max_choice_gap": gap,
+                                "tensor_cores": dot}
+        del half, int8
+        torch.cuda.empty_cache()
+    record("int8_vs_float16_cache", **seen)
+    for r in seen.values():
+        assert r["max_rel"] <= REL_INT8 and r["max_choice_gap"] <= TIE_INT8, seen

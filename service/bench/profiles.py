@@ -306,7 +306,7 @@ def attention_sweep(out: Path, heads: int = 16, head_dim: int = 256, iters: int 
                 case["runs"].append({"dot": dot, "splits": splits, "block_t": block_t, "warps": warps,
                                      "stages": stages, "us": us, "tb_per_s": read / us / 1e6})
             us = timed(q, kc, vc, start, pos, tmax, **scales)
-            splits, block_t, warps, dot = fused.attention_launch(rows * heads, tmax, dev)
+            splits, block_t, warps, dot = fused.attention_launch(rows * heads, tmax, dev, int8=ks is not None)
             case["engine_default"] = {"dot": dot, "splits": splits, "block_t": block_t, "warps": warps, "us": us,
                                       "tb_per_s": read / us / 1e6}
             case["best_cuda_cores"] = min((r for r in case["runs"] if not r["dot"]), key=lambda r: r["us"])

@@ -271,24 +271,27 @@ def multiprocessors(device: torch.device) -> int:
     return _SMS[device.index]
 
 
-def attention_launch(rows: int, tmax: int, device: torch.device) -> tuple[int, int, int, bool]:
+def attention_launch(rows: int, tmax: int, device: torch.device, int8: bool = False) -> tuple[int, int, int, bool]:
     """(splits, key block, warps, tensor cores) of the decode attention for `rows` (batch rows x heads) programs over
     at most tmax keys, from `python -m service.bench --attention-sweep` on an H200 (5.8B shape, 16 heads of 256,
     rows of 100-1,256 keys unless said, each call timed inside a CUDA graph as the engine runs it), in microseconds
     per layer, float16 cache (2026-12-02, deploy/bench/attention-sweep-tensor-core-h200.json) / int8 cache
     (2026-12-04, deploy/bench/attention-sweep-int8-h200.json):
     - batch 1: the CUDA-core kernel, 16 splits of 128-key blocks, 4 warps (9.3 / 9.3; tensor cores 10.0 / 11.8);
-    - more rows: the tensor-core kernel, 4 warps; below one program per multiprocessor 8 splits of 32 keys
-      (batch 8: 23.9 / 21.1 against 30.5 / 25.8 on CUDA cores), above it one split of 64-key blocks (batch 64:
-      158 / 129 against 187 / 172; 100-1,000 keys: 136.5 / 110 against 167 / 151; 128 rows: 344 / 257 against
-      401 / 339), of 32 keys for the 256-key bucket (batch 64, 20-160 keys: 30.0 / 26.9 against 38.0 / 37.2).
-      The best int8 settings were within 4 % of these.
+    - float16 below one program per multiprocessor: the tensor-core kernel, 8 splits of 32 keys, 4 warps (batch 8:
+      23.9 against 30.5). int8 there stays on the CUDA-core kernel (batch 8: 25.8): the tensor-core one measured
+      21.1 but has not run through the GPU suite split over 8 programs;
+    - above one program per multiprocessor: the tensor-core kernel, one split of 64-key blocks, 4 warps (batch 64:
+      158 / 129 against 187 / 172 on CUDA cores; 100-1,000 keys: 136.5 / 110 against 167 / 151; 128 rows: 344 / 257
+      against 401 / 339), of 32 keys for the 256-key bucket (batch 64, 20-160 keys: 30.0 / 26.9 against
+      38.0 / 37.2). The best int8 settings there were within 4 % of these.
     Each split keeps at least one block of keys."""
     if device.type != "cuda":
         return 1, 64, 4, False
-    if rows <= 16:
+    few = rows < multiprocessors(device)
+    if rows <= 16 or int8 and few:
         return max(1, min(16, tmax // 128)), 128, 4, False
-    if rows < multiprocessors(device):
+    if few:
         return max(1, min(8, tmax // 32)), 32, 4, True
     return 1, 32 if tmax <= 256 else 64, 4, True
 
@@ -307,7 +310,7 @@ def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor
     B, H, _, hd = q.shape
     out = torch.empty_like(q)  # [B, H, 1, hd]
     quant = kscale is not None
-    auto = attention_launch(B * H, tmax, q.device)
+    auto = attention_launch(B * H, tmax, q.device, int8=quant)
     splits, block_t, num_warps = splits or auto[0], block_t or auto[1], num_warps or auto[2]
     dot = auto[3] if dot is None else dot
     chunk = -(-tmax // (splits * block_t)) * block_t  # keys per split, a whole number of blocks

@@ -3,6 +3,7 @@ the 4-bit matmul kernel, the real-traffic rows on the engine alone, Score in-pro
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import json
@@ -130,7 +131,44 @@ def gemm4bit_loop(how, K: int = 4096, capability: int = 90) -> dict:
     weights = how.block_n * how.block_k / (how.warps * 32)
     return {"launch": dataclasses.asdict(how), "instructions_per_weight": len(body) / weights,
             "shared_bytes": k.metadata.shared, "local_refs": len(re.findall(r"\.local", k.asm["ptx"])),
-            "loop_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+            "loop_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])), "sass": _sass_loop(k.asm["cubin"], weights)}
+
+
+_PIPES = {"shared memory and shuffles": ("LDS", "STS", "LDSM", "SHFL"), "tensor cores": ("HMMA", "HGMMA"),
+          "global memory": ("LDG", "LDGSTS", "STG"), "barriers": ("BAR",)}
+
+
+def _sass_loop(cubin: bytes, weights: float) -> dict | None:
+    """The machine code (SASS) of a kernel's innermost loop, from its cubin by nvdisasm (shipped with Triton):
+    instructions per weight each thread handles, in all and by the unit they issue to. PTX is not what runs:
+    ptxas turns the table gathers and the tile's trip to the tensor cores into shared-memory stores, loads and
+    shuffles, which one unit per multiprocessor carries. None where nvdisasm is absent."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    labels = {m.group(1): int(m.group(2), 16) for m in re.finditer(r"(\.L_x_\d+):\s*\n\s*/\*([0-9a-f]{4,})\*/", sass)}
+    # The loop: from the target of the last backward branch to that branch.
+    loops = [(labels[m.group(1)], at) for at, ins in code
+             if (m := re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ins)) and m.group(1) in labels and labels[m.group(1)] < at]
+    if not loops:
+        return None
+    lo, hi = loops[-1]
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for at, ins in code if lo <= at <= hi]
+    by_pipe = {pipe: sum(op in names for op in ops) / weights for pipe, names in _PIPES.items()}
+    return {"instructions_per_weight": len(ops) / weights, "per_weight_by_unit": by_pipe,
+            "ops": dict(collections.Counter(ops).most_common(12))}
 
 
 def gemm4bit_ptx(out: Path) -> list[dict]:

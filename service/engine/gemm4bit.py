@@ -8,13 +8,16 @@ differ from the dense copies' by fp16 rounding of the weights and the order of f
 on the 5.8B layers).
 
 Status (H200, 2026-12-04, `python -m service.bench --gemm4bit-sweep`): correct, and slower than both paths it would
-replace: a decode step's matmuls take 8.3 ms at 1 row and 17.6 ms at 64 rows, against 3.1 / 3.2 ms on the dense
-copies and 2.8 / 9.7 ms in bitsandbytes (0.41 TB/s of packed bytes at best). Read in its PTX afterwards: every
-loop step waits for a round trip to memory, for its own codes, before it can look them up, and each weight costs
-an indexed load from the code table. The `prefetch` launches load the codes a step ahead, and the `words` +
-`reg_table` launches read each word of codes once and look the values up in registers by warp shuffles (7.8 PTX
-instructions per weight against 14.3, `python -m service.bench --gemm4bit-ptx`); none of them is timed on a GPU
-yet. So the engine uses the kernel only where generation.four_bit_matmul_rows asks (off by default).
+replace. A decode step's matmuls took 8.3 ms at 1 row and 17.6 ms at 64 rows with codes read as bytes and the table
+in memory; the `words` + `reg_table` launches (each word of codes read once, values looked up in registers by warp
+shuffles, `prefetch`: the next step's codes loaded ahead) brought that to 5.8 / 7.8 ms, against 3.1 / 3.2 ms on the
+dense copies and 2.8 / 9.7 ms in bitsandbytes (0.54 TB/s of packed bytes at best). Their machine code
+(`python -m service.bench --gemm4bit-ptx`, SASS by nvdisasm) puts 2.4-2.8 shared-memory or shuffle operations on
+each weight (the shuffle of its lookup, the dequantized tile's store on its way to the tensor cores, loads), work
+for the one such unit per multiprocessor, and the loop's chain (codes, lookup, store, barrier, tensor-core load)
+is not overlapped. A faster kernel needs lookups on the arithmetic units (byte permutes over a table held in
+registers) and weights dequantized straight into the tensor cores' operand layout, as Marlin and FLUTE do. So the
+engine uses this kernel only where generation.four_bit_matmul_rows asks (off by default).
 """
 from __future__ import annotations
 
@@ -176,10 +179,10 @@ _tuned: dict[tuple[int, int, int, int], Launch] = {}
 CANDIDATES = tuple(Launch(block_n=bn, split=sp, scale_after=True, prefetch=pf, stages=st, words=wr, reg_table=wr)
                    for bn in (32, 64) for sp in (1, 2, 4)
                    for pf, st, wr in ((False, 3, False), (True, 1, True), (True, 3, True)))
-"""Launches tune() times: the fastest kind on the H200 sweep of 2026-12-04 (codes as bytes, table in memory) and
-the word/register kind with prefetch (fewest instructions in its PTX, not yet timed). Triton compiles each once per
-tile height and input width, so the first start with the kernel on spends minutes here; later starts read
-Triton's cache."""
+"""Launches tune() times: codes as bytes with the table in memory, and the word/register kind with and without
+prefetch, which won every shape and height on the H200 sweep of 2026-12-04. Triton compiles each once per tile
+height and input width, so the first start with the kernel on spends minutes here; later starts read Triton's
+cache."""
 
 
 def launch(M: int, N: int, K: int, device: torch.device) -> Launch:

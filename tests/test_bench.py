@@ -94,3 +94,26 @@ def test_kv_replay_sees_a_request_blocked_by_split_free_space():
     assert paged["waits"] == [0, 0, 0, 0] and paged["fragmented_steps"] == 0
     rows = replay(reqs, pool=100, rows=2, paged=False)  # rows bound, not space: C waits for A's row
     assert rows["waits"] == [0, 0, 1, 0] and rows["fragmented_steps"] == 0
+
+
+def test_goodput_probes_bisect_between_the_passing_and_the_failing_rate():
+    """The open loop's extra runs: each at the midpoint (to the resolution) of the highest rate that met the latency
+    objective and the lowest above it that did not, none once they are that close, none without such a pair."""
+    from service.bench.driver import goodput, next_probe
+
+    def runs(**met):
+        return {str(r): {"offered_rate": float(r), "meets_goal": ok} for r, ok in
+                ((float(k.lstrip("r").replace("_", ".")), v) for k, v in met.items())}
+
+    grid = runs(r16=True, r24=True, r28=False, r32=False)
+    assert goodput(grid) == 24 and next_probe(grid, 1.0) == 26
+    grid.update(runs(r26=True))
+    assert goodput(grid) == 26 and next_probe(grid, 1.0) == 27
+    grid.update(runs(r27=False))
+    assert next_probe(grid, 1.0) is None and goodput(grid) == 26
+    assert next_probe(runs(r24=True, r32=True), 1.0) is None  # nothing failed above
+    assert next_probe(runs(r4=False, r8=False), 1.0) is None  # nothing met the objective
+    assert next_probe(runs(r24=True, r25=False), 1.0) is None  # already within the resolution
+    assert next_probe(runs(r24=True, r26=False), 0.5) == 25  # the midpoint on the resolution's grid
+    # A lower rate that failed (noise) does not hide the highest one that met it.
+    assert next_probe(runs(r16=False, r24=True, r32=False), 2.0) == 28

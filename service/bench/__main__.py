@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also run the Generate rows through the opt-in Frontend deployment: the extra hop's cost")
     ap.add_argument("--gen-timeout", type=float, help="deadline of each Generate stream, seconds")
     ap.add_argument("--open-loop-rates", help="comma-separated Poisson arrival rates, requests/s ('' : none)")
+    ap.add_argument("--goodput-probes", type=int,
+                    help="open-loop runs after those rates that bisect between the highest passing and lowest failing "
+                         "rate (default 3; 0: none)")
     ap.add_argument("--open-loop-s", type=float, help="seconds of arrivals at each open-loop rate")
     ap.add_argument("--beside-streams", type=int, help="sampled streams beside the Score flood (0: none)")
     ap.add_argument("--pairs", type=int, help="independent Score pairs")
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.open_loop_rates = tuple(float(x) for x in args.open_loop_rates.split(",") if x)
     if args.open_loop_s:
         cfg.open_loop_s = args.open_loop_s
+    if args.goodput_probes is not None:
+        cfg.goodput_probes = args.goodput_probes
     if args.beside_streams is not None:
         cfg.beside_streams = args.beside_streams
     if args.traffic_streams is not None:

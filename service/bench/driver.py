@@ -3,6 +3,7 @@ and at open-loop Poisson arrivals, each measured as its clients see it (TTFT, in
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import socket
 import subprocess
@@ -150,6 +151,19 @@ def goodput(open_loop: dict) -> float | None:
     return max(ok) if ok else None
 
 
+def next_probe(open_loop: dict, resolution: float) -> float | None:
+    """The rate to run next to pin goodput down: the midpoint, rounded to `resolution`, of the highest rate that met
+    the objective and the lowest rate above it that did not; None when no such pair exists or they are within
+    `resolution` of each other."""
+    best = goodput(open_loop)
+    above = [r["offered_rate"] for r in open_loop.values() if not r["meets_goal"] and best is not None
+             and r["offered_rate"] > best]
+    if best is None or not above or min(above) - best <= resolution:
+        return None
+    mid = round((best + min(above)) / 2 / resolution) * resolution
+    return mid if best < mid < min(above) else None
+
+
 class GpuMemorySampler:
     """Peak GPU memory in use (nvidia-smi, whole device) while the service runs."""
 
@@ -229,10 +243,18 @@ def run_service(model: str, w: Workloads, cfg: BenchConfig, tokenizer) -> dict:
                                  "score_vs_solo": flood["tokens_per_s"] / res["score_pairs"]["tokens_per_s"]}
             if cfg.open_loop_rates:
                 res["open_loop"] = {}
-                for k, rate in enumerate(cfg.open_loop_rates):
+                rates = list(cfg.open_loop_rates)
+                for k in itertools.count():
+                    if k >= len(rates):  # the grid is done: probe between its passing and failing rates
+                        probe = next_probe(res["open_loop"], cfg.goodput_resolution)
+                        if probe is None or k >= len(cfg.open_loop_rates) + cfg.goodput_probes:
+                            break
+                        rates.append(probe)
+                    rate = rates[k]
                     n = max(1, round(rate * cfg.open_loop_s))
                     reqs = open_loop_requests(lm_pb2, tokenizer, n, cfg, seed=10 + k)
                     r = await drive_open_loop(stub, reqs, rate, cfg, seed=20 + k)
+                    r["probe"] = k >= len(cfg.open_loop_rates)
                     res["open_loop"][str(rate)] = r
                     print(f"open loop {rate}/s: TTFT p99 {r['ttft_s']['p99']}, ITL p99 {r['itl_s']['p99']}, "
                           f"{r['completed']}/{n} completed, errors {r['errors']}", flush=True)

@@ -80,8 +80,8 @@ def traffic_table(s: dict) -> str:
         lines += ["| offered (requests/s) | completed/s | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) "
                   "| completed | refused or failed | meets TTFT p99 ≤ 1 s, ITL p99 ≤ 100 ms |",
                   "|---:|---:|---:|---:|---:|---:|---|---|"]
-        for rate, r in s["open_loop"].items():
-            lines.append(f"| {float(rate):g} | {r['completed_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+        for rate, r in sorted(s["open_loop"].items(), key=lambda kv: float(kv[0])):  # probes ran after the grid
+            lines.append(f"| {float(rate):g}{' (probe)' if r.get('probe') else ''} | {r['completed_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
                          f"{ms(r['ttft_s']['p50'])} / {ms(r['ttft_s']['p99'])} | {ms(r['itl_s']['p50'])} / "
                          f"{ms(r['itl_s']['p99'])} | {r['completed']}/{r['streams']} | {r['errors'] or 0} | "
                          f"{'yes' if r['meets_goal'] else 'no'} |")

@@ -40,6 +40,11 @@ class BenchConfig:
     """Open-loop Poisson arrival rates (requests/s) of sampled requests, prompts 200-800 tokens, 64-256 new."""
     open_loop_s: float = 20.0
     """Seconds of arrivals at each rate."""
+    goodput_probes: int = 3
+    """Open-loop runs after those rates, each at the midpoint between the highest rate that met the latency objective
+    and the lowest above it that did not, until they are goodput_resolution apart: goodput to that resolution,
+    not to the rates' spacing."""
+    goodput_resolution: float = 1.0
     beside_streams: int = 32
     """Sampled streams run beside the Score flood of the independent pairs (0: skip that row)."""
     gen_timeout_s: float = 120.0

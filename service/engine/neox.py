@@ -1,7 +1,9 @@
 """GPT-NeoX forward over a preallocated KV cache: packed prefill of prompt chunks and batched decode of many sequences.
 
 The weights are the transformers model's own modules (so bitsandbytes' nf4 Linear4bit layers run as
-loaded, or their dense copies for several tokens); only the attention bookkeeping is ours. The cache is one pool
+loaded, or their dense copies for several tokens); only the attention bookkeeping is ours. Score, prefill and
+decode (fused or not) run one layer implementation, NeoxForward._layer, each with its own attention; one method,
+NeoxRunner._store, writes the cache. The cache is one pool
 of token positions per layer; each sequence owns a contiguous range of it (engine/kvspace.py): prefill and decode
 write it through the same kernel on the GPU, prefill then attends over each chunk's range, and a decode step over
 batch rows 0..n-1 is told where each row's range starts. On CUDA that step is
@@ -101,6 +103,7 @@ class NeoxForward:
         self.hd = cfg.hidden_size // self.H
         self.max_len = max_len
         self.dense = dense or {}
+        self.fused = False  # engine/fused.py's kernels for the layer norms and the cache (NeoxRunner turns them on)
         # engine/gemm4bit.py's form of the 4-bit weights and the most rows it multiplies (use_packed)
         self.packed: dict[torch.nn.Module, gemm4bit.Packed4bit] = {}
         self.packed_rows = 0
@@ -148,15 +151,32 @@ class NeoxForward:
         w = self.dense.get(m) if rows > 1 else None
         return m(x) if w is None else F.linear(x, w, m.bias)
 
+    def _layer(self, li: int, x: torch.Tensor, attention) -> torch.Tensor:
+        """Layer li on tokens x [N, D]: the one layer every pass runs (Score, prefill, decode, fused or not), with
+        its attention as an argument: attention(li, qkv [N, 3D]) -> [N, H, hd] rotates q and k of the projected
+        tokens, stores k and v where that pass keeps them (the KV cache: _store) and attends."""
+        layer = self.layers[li]
+        h, h_mlp = self._norms(layer, x)
+        a = attention(li, self._linear(layer.attention.query_key_value, h))  # [N, H, hd]
+        a = self._linear(layer.attention.dense, a.reshape(x.shape[0], -1))  # [N, D]
+        return self._residual(li, x, a, h_mlp)
+
     def _block(self, li: int, x: torch.Tensor, attend) -> torch.Tensor:
-        """Layer li; `attend(q, k, v)` stores k/v in the cache and returns attention output."""
+        """_layer on rows of tokens x [B, T, D], with attend(q, k, v) over [B, H, T, hd] tensors -> [B, H, T, hd]."""
         B, T, D = x.shape
-        attn = self.layers[li].attention
-        qkv = self._linear(attn.query_key_value, self.layers[li].input_layernorm(x))  # [B, T, 3D]
-        q, k, v = qkv.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
-        a = attend(q, k, v)  # [B, H, T, hd]
-        a = self._linear(attn.dense, a.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
-        return self._residual(li, x, a)
+
+        def attention(li, qkv):
+            q, k, v = qkv.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
+            return attend(q, k, v).transpose(1, 2).reshape(B * T, self.H, self.hd)  # [B*T, H, hd]
+
+        return self._layer(li, x.reshape(B * T, D), attention).view(B, T, D)
+
+    def _norms(self, layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input_layernorm(x), post_attention_layernorm(x) or None) of tokens x [N, D]: both in one fused kernel
+        where they share their input (parallel residual), else the first only (_residual computes the second)."""
+        if self.fused and self.parallel:
+            return fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [N, D]
+        return layer.input_layernorm(x), None
 
     def _residual(self, li: int, x: torch.Tensor, a: torch.Tensor, mlp_in: torch.Tensor | None = None) -> torch.Tensor:
         """The rest of layer li after attention output a: the MLP and the residual sums (any leading shape).
@@ -188,14 +208,17 @@ class NeoxForward:
         x = self.embed(ids.reshape(-1).to(dev)[flat]).to(self.dtype)  # [N, D]
         cos, sin = self.cos[:T], self.sin[:T]  # [T, rot]
         padded = torch.zeros((B * T, 3 * D), dtype=self.dtype, device=dev)  # [B*T, 3D], reused by every layer
-        for li, layer in enumerate(self.layers):
-            padded[flat] = self._linear(layer.attention.query_key_value, layer.input_layernorm(x))  # [N, 3D] into the rows
+
+        def attention(li, qkv):
+            padded[flat] = qkv  # [N, 3D] into the rows
             q, k, v = padded.view(B, T, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, T, hd]
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             # Right padding with causal attention is exact: real tokens never attend to the pads after them.
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
-            a = self._linear(layer.attention.dense, a.transpose(1, 2).reshape(B * T, D)[flat])  # [N, D]
-            x = self._residual(li, x, a)
+            return a.transpose(1, 2).reshape(B * T, self.H, self.hd)[flat]  # [N, H, hd]
+
+        for li in range(len(self.layers)):
+            x = self._layer(li, x, attention)
         out = torch.zeros((B * T, D), dtype=self.dtype, device=dev)
         out[flat] = self.final_ln(x)
         return out.view(B, T, D)
@@ -333,41 +356,31 @@ class NeoxRunner(NeoxForward):
         # The keys each chunk attends to, packed chunk after chunk: its sequence's cached positions, then its own.
         keys = torch.tensor([b + t for (b, ids, s) in chunks for t in range(s + len(ids))], device=dev)  # [Nk]
         attend = self._packed_attention([s for _, _, s in chunks], lens, self._varlen_ok)
+
+        def attention(li, qkv):
+            q = self._store(li, qkv, base, pos)  # [N, H, hd]
+            K, V = self.kv.gather(li, keys)  # [H, Nk, hd] each
+            return attend(q, K.transpose(0, 1), V.transpose(0, 1))  # [N, H, hd]
+
         for li in range(len(self.layers)):
-            x = self._prefill_layer(li, x, base, pos, keys, attend)
+            x = self._layer(li, x, attention)
         last = torch.tensor(list(itertools.accumulate(lens)), device=dev) - 1
         return self._logits(x[last])  # [n, V]
 
-    def _prefill_layer(self, li: int, x: torch.Tensor, base: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
-                       attend) -> torch.Tensor:
-        """Layer li over N packed prompt tokens x [N, D] at positions pos [N] of the ranges starting at base [N]:
-        their keys and values into the cache, then attend(q, k, v) over the cache positions `keys` [Nk]."""
-        N, D = x.shape
-        layer = self.layers[li]
-        attn = layer.attention
-        h, h_mlp = self._norms(layer, x)
-        qkv = self._linear(attn.query_key_value, h)  # [N, 3D]
+    def _store(self, li: int, qkv: torch.Tensor, base: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The one place that writes the KV cache: tokens qkv [N, 3D] (GPT-NeoX's per-head [q|k|v]) at positions
+        pos [N] of the ranges starting at base [N] have q and k rotated, k and v stored in layer li's cache (by
+        fused.rope_store where the fused kernels run, else by torch); returns the rotated q [N, H, hd]."""
         if self.fused:
             kc, vc, ks, vs = self.kv.kernel_args(li)
-            q = fused.rope_store(qkv, self.cos, self.sin, base, pos, kc, vc, self.H, self.hd, self.rot,
-                                 ks, vs)[:, :, 0]  # [N, H, hd]
-        else:
-            q, k, v = qkv.view(N, self.H, 3 * self.hd).transpose(0, 1)[None].chunk(3, dim=-1)  # 3 x [1, H, N, hd]
-            cos, sin = self.cos[pos], self.sin[pos]  # [N, rot]
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.kv.store(li, base + pos, k[0], v[0])
-            q = q[0].transpose(0, 1)  # [N, H, hd]
-        K, V = self.kv.gather(li, keys)  # [H, Nk, hd] each
-        a = attend(q, K.transpose(0, 1), V.transpose(0, 1))  # [N, H, hd]
-        a = self._linear(attn.dense, a.reshape(N, D))  # [N, D]
-        return self._residual(li, x, a, h_mlp)
-
-    def _norms(self, layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(input_layernorm(x), post_attention_layernorm(x) or None) of tokens x [N, D]: both in one fused kernel
-        where they share their input (parallel residual), else the first only (_residual computes the second)."""
-        if self.fused and self.parallel:
-            return fused.dual_layernorm(x, layer.input_layernorm, layer.post_attention_layernorm)  # 2 x [N, D]
-        return layer.input_layernorm(x), None
+            return fused.rope_store(qkv, self.cos, self.sin, base, pos, kc, vc, self.H, self.hd, self.rot,
+                                    ks, vs)[:, :, 0]  # [N, H, hd]
+        N = qkv.shape[0]
+        q, k, v = qkv.view(N, self.H, 3 * self.hd).transpose(0, 1)[None].chunk(3, dim=-1)  # 3 x [1, H, N, hd]
+        cos, sin = self.cos[pos], self.sin[pos]  # [N, rot]
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        self.kv.store(li, base + pos, k[0], v[0])
+        return q[0].transpose(0, 1)  # [N, H, hd]
 
     def _packed_attention(self, starts: list[int], lens: list[int], varlen: bool):
         """attend(q [N, H, hd], k [Nk, H, hd], v [Nk, H, hd]) -> [N, H, hd] for packed chunks: chunk i's lens[i]
@@ -401,24 +414,25 @@ class NeoxRunner(NeoxForward):
         """One token for each of batch rows 0..B-1 (the static inputs' tokens [B] at their positions [B] of ranges
         starting at their bases [B]), attending to its cache positions < T: logits [B, V]."""
         tok, pos, base = self._tok[:B], self._pos[:B], self._base[:B]
-        x = self.embed(tok)[:, None].to(self.dtype)  # [B, 1, D]
+        x = self.embed(tok).to(self.dtype)  # [B, D]
         if self.fused:
-            x = x[:, 0]  # [B, D]
-            for li in range(len(self.layers)):
-                x = self._decode_layer_fused(li, x, base, pos, T)
-            logits = self._logits(x)  # [B, V]
+            def attention(li, qkv):
+                # attention over the cache up to each row's position (< T) in one kernel
+                kc, vc, ks, vs = self.kv.kernel_args(li)
+                q = self._store(li, qkv, base, pos)[:, :, None]  # [B, H, 1, hd]
+                return fused.decode_attention(q, kc, vc, base, pos, T, kscale=ks, vscale=vs)[:, :, 0]  # [B, H, hd]
         else:
-            cos, sin, keys, mask = self._decode_tables(base, pos, T, self.kv.positions)
-            at = base + pos  # [B]
-            for li in range(len(self.layers)):
-                def attend(q, k, v, li=li):
-                    q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-                    self.kv.store(li, at, k[:, :, 0].transpose(0, 1), v[:, :, 0].transpose(0, 1))  # [H, B, hd] each
-                    K, V = self.kv.gather(li, keys)  # [H, B, T, hd]
-                    return F.scaled_dot_product_attention(q, K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask)
+            keys, mask = self._decode_tables(base, pos, T, self.kv.positions)
 
-                x = self._block(li, x, attend)
-            logits = self._logits(x[:, 0])  # [B, V]
+            def attention(li, qkv):
+                q = self._store(li, qkv, base, pos)[:, :, None]  # [B, H, 1, hd]
+                K, V = self.kv.gather(li, keys)  # [H, B, T, hd]
+                return F.scaled_dot_product_attention(q, K.transpose(0, 1), V.transpose(0, 1),
+                                                      attn_mask=mask)[:, :, 0]  # [B, H, hd]
+
+        for li in range(len(self.layers)):
+            x = self._layer(li, x, attention)
+        logits = self._logits(x)  # [B, V]
         # Leave the greedy choice and the next position as the next step's inputs (see decode_again);
         # the clamp keeps idle padding rows, which advance too, inside the cache. Rows under min_new_tokens
         # choose without end-of-text; the logits returned stay the model's own.
@@ -435,28 +449,12 @@ class NeoxRunner(NeoxForward):
 
     def _decode_tables(self, base: torch.Tensor, pos: torch.Tensor, T: int, pool: int):
         """For one token per row at positions pos [B] of cache ranges starting at base [B] in a pool of `pool`
-        positions, over T positions:
-        rotary cos and sin [B, 1, 1, rot], the pool index of each row's keys [B, T] (past a range's end they
-        point at whatever follows, masked), and the attention mask [B, 1, 1, T] (keys up to the row's own position)."""
+        positions, over T positions: the pool index of each row's keys [B, T] (past a range's end they point at
+        whatever follows, masked), and the attention mask [B, 1, 1, T] (keys up to the row's own position)."""
         t = torch.arange(T, device=self.device)
         keys = (base[:, None] + t[None, :]).clamp(max=pool - 1)  # [B, T]
         mask = (t[None, :] <= pos[:, None])[:, None, None]
-        return self.cos[pos][:, None, None], self.sin[pos][:, None, None], keys, mask
-
-    def _decode_layer_fused(self, li: int, x: torch.Tensor, base: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
-        """Layer li of a decode step, x [B, D], with its glue in the Triton kernels of engine/fused.py: both layer
-        norms in one pass (parallel residual), rotary embedding and the cache write in another, attention over
-        the cache up to each row's position (< T) in a third."""
-        B = x.shape[0]
-        layer = self.layers[li]
-        attn = layer.attention
-        h, h_mlp = self._norms(layer, x)
-        kc, vc, ks, vs = self.kv.kernel_args(li)
-        q = fused.rope_store(self._linear(attn.query_key_value, h), self.cos, self.sin, base, pos, kc, vc,
-                             self.H, self.hd, self.rot, ks, vs)  # [B, H, 1, hd]
-        a = fused.decode_attention(q, kc, vc, base, pos, T, kscale=ks, vscale=vs)  # [B, H, 1, hd]
-        a = self._linear(attn.dense, a.reshape(B, -1))  # [B, D]
-        return self._residual(li, x, a, h_mlp)
+        return keys, mask
 
     def fused_problem(self, tol: float = 1e-2) -> str | None:
         """Why the fused decode kernels must not be used here (no Triton, no compiler, results unlike the torch
@@ -473,7 +471,8 @@ class NeoxRunner(NeoxForward):
             kc, vc, ks, vs = cache.kernel_args(0)
             q = fused.rope_store(qkv, self.cos, self.sin, base, pos, kc, vc, self.H, self.hd, self.rot, ks, vs)
             rq, rk, rv = qkv.view(B, 1, self.H, 3 * self.hd).transpose(1, 2).chunk(3, dim=-1)  # 3 x [B, H, 1, hd]
-            cos, sin, keys, mask = self._decode_tables(base, pos, L, B * L)
+            keys, mask = self._decode_tables(base, pos, L, B * L)
+            cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, rot]
             pairs = [(q, self._rope(rq, cos, sin))]
             stored_k, stored_v = cache.gather(0, base + pos)  # [H, B, hd] each
             for got, want, sc in ((stored_k, self._rope(rk, cos, sin)[:, :, 0], ks), (stored_v, rv[:, :, 0], vs)):

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from . import kvcache
+
 try:
     import triton
     import triton.language as tl
@@ -196,7 +198,7 @@ if triton is not None:
         q = tl.load(q_ptr + (b * H + h) * HD + d, mask=dm, other=0.0)  # [BD]
         qs = q.to(tl.float32) * scale  # [BD]
         if QUANT:
-            q_sc = tl.maximum(tl.max(tl.abs(qs), axis=0), 1e-30) / 127.0
+            q_sc = tl.maximum(tl.max(tl.abs(qs), axis=0), 1e-8) / 127.0  # kvcache.quantize's rounding
             q8 = tl.minimum(tl.maximum(tl.floor(qs / q_sc + 0.5), -127.0), 127.0)  # [BD] integers
             qt = tl.where(r[:, None] == 0, q8[None, :], 0.0).to(tl.int8)  # [16, BD]
         else:
@@ -337,11 +339,9 @@ def decode_attention(q: torch.Tensor, kcache: torch.Tensor, vcache: torch.Tensor
 
 def int8_rounded_query(q: torch.Tensor) -> torch.Tensor:
     """q [..., hd] as the tensor-core kernel multiplies it by an int8 cache's keys: each vector of q / sqrt(hd)
-    rounded to int8 with its own scale (max|x| / 127, as the cache rounds a key), then back (the torch reference of
-    that kernel)."""
-    qs = q.float() * q.shape[-1] ** -0.5
-    sc = qs.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
-    return (torch.floor(qs / sc + 0.5).clamp(-127, 127) * sc / q.shape[-1] ** -0.5).to(q.dtype)
+    rounded to int8 as the cache rounds a key (kvcache.quantize), then back (the torch reference of that kernel)."""
+    scale = q.shape[-1] ** -0.5
+    return (kvcache.dequantize(*kvcache.quantize(q.float() * scale), torch.float32) / scale).to(q.dtype)
 
 
 def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: torch.Tensor, pos: torch.Tensor,

@@ -297,10 +297,15 @@ class Scheduler:
         n, p = len(seq.generated) + ahead, seq.params
         return n < p.max_new_tokens and not seq.cancelled and not seq.finish_reason
 
+    @staticmethod
+    def _alternatives(seqs: list[Sequence]) -> int:
+        """How many top alternatives the rows asking for logprobs want at most (-1: no row asks for logprobs)."""
+        return max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
+
     def _logprobs_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> HostFetch | None:
         """For a pipelined step whose rows (some) ask for logprobs: those of the tokens just chosen on the device
         under the step's logits [n, V], read back behind the next step like the tokens; None when no row asks."""
-        k = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
+        k = self._alternatives(seqs)
         return None if k < 0 else self.runner.next_logprobs(logits, len(seqs), k)
 
     def _device_rows(self, seqs: list[Sequence]) -> RowSampling | None:
@@ -373,7 +378,7 @@ class Scheduler:
         try:
             toks = self._choose(logits, self._rows_of(seqs), torch.tensor([s.slot for s in seqs], device=logits.device))
             # Logprobs describe the model's own distribution: before penalties and masks.
-            k = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=-1)
+            k = self._alternatives(seqs)
             if k >= 0:
                 lp, top_v, top_i = (x.tolist() for x in logprobs(logits, toks, k))
             toks = toks.tolist()
